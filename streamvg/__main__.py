@@ -1,0 +1,5 @@
+import sys
+
+from streamvg.cli import main
+
+sys.exit(main())

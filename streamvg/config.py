@@ -1,0 +1,356 @@
+"""The pipeline file (YAML) as pydantic models, with `STREAMVG_…` environment overrides.
+
+A pipeline file names its sources, how frames are sampled into windows, the standing
+queries, the grounding engine, the tracker and the sinks:
+
+```yaml
+name: lobby
+sources:
+  - {name: door, uri: "rtsp://viewer:${CAM_PASSWORD}@10.0.0.5/stream1"}
+sampling: {fps: 1.0, window_size: 4, stride: 2}
+queries:
+  - {id: vest, text: "the man in the yellow vest"}
+engine: {kind: gemvg, model: /models/gem-vg-7b}
+sinks: {redis: {url: "redis://localhost:6379/0"}}
+```
+
+`${VAR}` in string values is replaced from the environment (so passwords stay out of the
+file). Any field can also be overridden by an environment variable named
+`STREAMVG_<SECTION>__<FIELD>` (for example `STREAMVG_SINKS__REDIS__URL` or
+`STREAMVG_ENGINE__MODEL`); the environment wins over the file.
+
+`load_pipeline(path)` returns a `PipelineConfig` or raises `ConfigError` with one line
+naming the field (`sources[1].uri: …`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from streamvg.errors import ConfigError
+from streamvg.redaction import mask_url
+
+__all__ = [
+    "EngineConfig",
+    "JsonlSinkConfig",
+    "PipelineConfig",
+    "QueryConfig",
+    "RedisSinkConfig",
+    "SamplingConfig",
+    "SinksConfig",
+    "SourceConfig",
+    "TrackerConfig",
+    "format_validation_error",
+    "load_pipeline",
+    "parse_pipeline",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class SourceConfig(_Model):
+    """One video file or camera."""
+
+    name: str = Field(description="Camera name used in events and Redis keys (letters, digits, _ . -).")
+    uri: str = Field(
+        description="File path, rtsp://, rtsps://, http(s)://, tcp://, udp://, .m3u8 URL, "
+        "/dev/videoN or a device index."
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Backend options, e.g. {rtsp_transport: tcp} for PyAV or {width: 1280} for OpenCV.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid camera name; use letters, digits, '_', '.' or '-'")
+        return v
+
+    @field_validator("uri")
+    @classmethod
+    def _check_uri(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("empty; give a file path, a stream URL or a device")
+        return v
+
+
+class SamplingConfig(_Model):
+    """How frames are sampled and grouped into windows."""
+
+    fps: float | None = Field(
+        default=1.0, gt=0, description="Frames per second sampled from each source (null = every frame)."
+    )
+    window_size: int = Field(default=4, ge=1, le=32, description="Frames per window (model images per prompt).")
+    stride: int = Field(default=2, ge=1, description="Frames the window advances by; < window_size overlaps.")
+    snap: Literal["exact", "keyframe"] = Field(
+        default="exact",
+        description="'exact' decodes the frame at each sample time; 'keyframe' takes the nearest "
+        "keyframe within tolerance_s, decoding far less.",
+    )
+    tolerance_s: float | None = Field(
+        default=None, gt=0, description="Keyframe snap / multi-camera alignment tolerance in seconds "
+        "(default: half the sampling period)."
+    )
+    multi_camera: bool = Field(
+        default=False,
+        description="Ground one frame per camera at the same instant (cross-camera queries) instead of "
+        "one camera over time.",
+    )
+
+    @model_validator(mode="after")
+    def _stride_le_size(self) -> SamplingConfig:
+        if self.stride > self.window_size:
+            raise ValueError(
+                f"stride ({self.stride}) is larger than window_size ({self.window_size}), "
+                "so frames would be skipped; use stride <= window_size"
+            )
+        return self
+
+
+class QueryConfig(_Model):
+    """A standing query asked of every window."""
+
+    id: str = Field(description="Short stable id used in events (letters, digits, _ . -).")
+    text: str = Field(min_length=1, description="The natural-language question.")
+    mode: Literal["direct", "reason"] = Field(default="direct", description="'reason' thinks before answering.")
+    min_score: float = Field(default=0.0, ge=0, le=1, description="Drop boxes scoring below this.")
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid query id; use letters, digits, '_', '.' or '-'")
+        return v
+
+
+class EngineConfig(_Model):
+    """The grounding engine."""
+
+    kind: Literal["gemvg", "gemvg-trt", "replay", "openai"] = Field(
+        default="gemvg",
+        description="'gemvg' (transformers), 'gemvg-trt' (TensorRT vision encoder), 'replay' "
+        "(stored groundings, no model), 'openai' (remote OpenAI-compatible server).",
+    )
+    model: str | None = Field(default=None, description="Model directory or hub id (gemvg, gemvg-trt, openai).")
+    device: str = Field(default="auto", description="'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1'.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="'auto' is bfloat16 on GPU, float32 on CPU."
+    )
+    convention: Literal["auto", "qwen2_vl", "qwen2_5_vl"] = Field(
+        default="auto", description="Box convention; 'auto' reads model_type from the model's config.json."
+    )
+    min_pixels: int = Field(default=56 * 56, gt=0, description="Smallest model input per image, in pixels.")
+    max_pixels: int = Field(default=448 * 448, gt=0, description="Largest model input per image, in pixels.")
+    batch_size: int = Field(default=4, ge=1, description="Windows grounded together in one batch.")
+    max_new_tokens: int = Field(default=256, ge=1, description="Answer length cap, in tokens.")
+    replay_path: str | None = Field(default=None, description="Groundings JSONL for kind 'replay'.")
+    engine_dir: str | None = Field(default=None, description="Built TensorRT engine folder for kind 'gemvg-trt'.")
+    base_url: str | None = Field(default=None, description="OpenAI-compatible endpoint for kind 'openai'.")
+    api_key: str | None = Field(default=None, description="API key for kind 'openai' (never logged).")
+    timeout_s: float = Field(default=60.0, gt=0, description="Remote request timeout in seconds (openai).")
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> EngineConfig:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
+        if self.kind == "replay" and not self.replay_path:
+            raise ValueError("kind 'replay' needs replay_path (a groundings JSONL file)")
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("kind 'openai' needs base_url (e.g. http://localhost:8000/v1)")
+        return self
+
+
+class TrackerConfig(_Model):
+    """Time-aware tracker settings; times are media seconds, so they hold at any grounding rate.
+
+    The tracker module documents each trade-off; see `streamvg.tracking.Tracker`.
+    """
+
+    high_score: float = Field(default=0.5, ge=0, le=1, description="Boxes at or above this score start and extend tracks (first association stage).")
+    low_score: float = Field(default=0.1, ge=0, le=1, description="Boxes between low_score and high_score only extend existing tracks (second stage).")
+    min_confirm_hits: int = Field(default=2, ge=1, description="Matches before a track is confirmed and reported; higher removes flicker but delays new ids.")
+    max_lost_s: float = Field(default=3.0, gt=0, description="Seconds a track survives without a match; longer bridges occlusions but risks id switches.")
+    min_iou: float = Field(default=0.1, ge=0, le=1, description="IoU that alone is enough to allow a match.")
+    max_center_distance: float = Field(default=1.5, gt=0, description="Largest centre jump allowed between updates, in box sizes (size-normalised), for matches without overlap.")
+
+    @model_validator(mode="after")
+    def _check_scores(self) -> TrackerConfig:
+        if self.low_score > self.high_score:
+            raise ValueError(f"low_score ({self.low_score}) is larger than high_score ({self.high_score})")
+        return self
+
+
+class RedisSinkConfig(_Model):
+    """Publish events to Redis Streams + pub/sub."""
+
+    url: str = Field(description="redis://[user:password@]host:port/db or rediss:// for TLS.")
+    stream: str | None = Field(default=None, description="Stream key; default streamvg:{pipeline}:events.")
+    maxlen: int = Field(default=100_000, ge=1, description="Approximate stream length cap (XADD MAXLEN ~).")
+    spool_dir: str = Field(default=".streamvg-spool", description="On-disk spool used while Redis is unreachable.")
+    spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="Spool size cap; oldest events dropped (and counted) beyond it.")
+
+
+class JsonlSinkConfig(_Model):
+    """Write events as JSON lines."""
+
+    path: str = Field(default="streamvg-events.jsonl", description="File to append events to ('-' = stdout).")
+
+
+class SinksConfig(_Model):
+    """Where events go. Without a Redis URL the embedded default writes JSONL."""
+
+    redis: RedisSinkConfig | None = Field(default=None, description="Redis Streams + pub/sub sink.")
+    jsonl: JsonlSinkConfig | None = Field(default=None, description="JSON-lines sink.")
+
+
+class PipelineConfig(BaseSettings):
+    """A whole pipeline file. Environment variables `STREAMVG_<SECTION>__<FIELD>` override it."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMVG_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    name: str = Field(default="default", description="Pipeline name; Redis keys are streamvg:{name}:….")
+    sources: list[SourceConfig] = Field(default_factory=list, description="Video files and cameras.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    queries: list[QueryConfig] = Field(default_factory=list, description="Standing queries.")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    tracker: TrackerConfig = Field(default_factory=TrackerConfig)
+    sinks: SinksConfig = Field(default_factory=SinksConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file (a deployment sets secrets and hosts).
+        return (env_settings, init_settings)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid pipeline name; use letters, digits, '_', '.' or '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> PipelineConfig:
+        for label, names in (("sources", [s.name for s in self.sources]), ("queries", [q.id for q in self.queries])):
+            seen: set[str] = set()
+            for n in names:
+                if n in seen:
+                    raise ValueError(f"{label}: {n!r} appears twice; names must be unique")
+                seen.add(n)
+        return self
+
+    def masked(self) -> dict[str, Any]:
+        """The resolved config as plain data with every password and API key masked."""
+        data = self.model_dump(mode="json")
+        for src in data["sources"]:
+            src["uri"] = mask_url(src["uri"])
+        if data["sinks"].get("redis"):
+            data["sinks"]["redis"]["url"] = mask_url(data["sinks"]["redis"]["url"])
+        if data["engine"].get("api_key"):
+            data["engine"]["api_key"] = "***"
+        if data["engine"].get("base_url"):
+            data["engine"]["base_url"] = mask_url(data["engine"]["base_url"])
+        return data
+
+
+def format_validation_error(exc: ValidationError, *, source: str = "pipeline file") -> str:
+    """One line per problem, `field.path[1].name: message`, from a pydantic error."""
+    lines = []
+    for err in exc.errors():
+        path = ""
+        for part in err["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            else:
+                path += f".{part}" if path else str(part)
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field; check its spelling against `streamvg config check --help`"
+        lines.append(f"{source}: {path or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any, path: str = "") -> Any:
+    if isinstance(value, str):
+
+        def _sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(
+                f"{path or '(top level)'}: environment variable {name} is not set; export it or write ${{{name}:-default}}",
+                field=path,
+            )
+
+        return _VAR_RE.sub(_sub, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def parse_pipeline(data: Any, *, source: str = "pipeline file") -> PipelineConfig:
+    """Validate already-loaded YAML/JSON data; raise `ConfigError` naming the field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (name, sources, queries, …), got {type(data).__name__}")
+    data = _expand_env(data)
+    try:
+        return PipelineConfig(**data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(format_validation_error(exc, source=source), field=loc) from exc
+
+
+def load_pipeline(path: str | os.PathLike[str]) -> PipelineConfig:
+    """Read and validate a pipeline YAML file.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or a field is invalid; the message
+            names the file, the field path and what is expected.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: pipeline file not found; check the path (ready files are in pipelines/)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid syntax"
+        raise ConfigError(f"{p}: not valid YAML{where}: {problem}; fix the file's indentation or quoting") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not a text file; a pipeline file is UTF-8 YAML") from exc
+    return parse_pipeline(data, source=str(p))
