@@ -37,6 +37,8 @@ app = typer.Typer(
 # Modules under streamvg.cli that add commands; each defines register(app: typer.Typer).
 _COMMAND_MODULES: list[str] = [
     "basic",
+    "tail",
+    "engine",
 ]
 
 for _name in _COMMAND_MODULES:
