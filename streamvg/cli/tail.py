@@ -1,0 +1,86 @@
+"""`streamvg tail` (follow published events) and `streamvg schema` (the event JSON Schema)."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from typing import Annotated
+
+import typer
+
+from streamvg.events import Event, event_json_schema
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+
+def format_event(ev: Event) -> str:
+    """One line for people: time, camera, kind, query, track, boxes."""
+    ts = ev.wall_time if ev.wall_time is not None else ev.processed_time
+    clock = datetime.fromtimestamp(ts, tz=timezone.utc).astimezone().strftime("%H:%M:%S.%f")[:-3]
+    media = f"t={ev.t:8.3f}s" if ev.t is not None else "t=       -"
+    if ev.kind == "source_status":
+        return f"{clock} {media} {ev.camera:<12} {ev.kind:<13} {ev.state}{': ' + ev.detail if ev.detail else ''}"
+    track = f"#{ev.track_id}" if ev.track_id is not None else ""
+    boxes = " ".join(
+        "[" + ",".join(f"{v:.0f}" for v in b["xyxy"]) + f" {b['score']:.2f}]" for b in ev.boxes[:4]
+    )
+    if len(ev.boxes) > 4:
+        boxes += f" +{len(ev.boxes) - 4} more"
+    if not ev.boxes:
+        boxes = "(no boxes)"
+    extra = f" ({ev.detail})" if ev.detail else ""
+    return f"{clock} {media} {ev.camera:<12} {ev.kind:<13} {ev.query_id}: {ev.query!r} {track} {boxes}{extra}".rstrip()
+
+
+def tail(
+    pipeline: Annotated[str, typer.Option("--pipeline", "-p", help="Pipeline name (stream streamvg:{pipeline}:events).")] = "default",
+    group: Annotated[
+        str | None,
+        typer.Option("--group", "-g", help="Read as this consumer group (acked, shared work); default: follow the live channel."),
+    ] = None,
+    consumer: Annotated[str | None, typer.Option("--consumer", help="Consumer name within --group (default host-pid).")] = None,
+    url: Annotated[
+        str | None,
+        typer.Option("--url", help="Redis URL; default $STREAMVG_REDIS_URL or redis://127.0.0.1:6379/0.", show_default=False),
+    ] = None,
+    from_start: Annotated[bool, typer.Option("--from-start", help="With --group: a new group starts at the stream's beginning.")] = False,
+    count: Annotated[int | None, typer.Option("--count", "-n", min=1, help="Stop after N events.")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", min=0, help="Stop after this many seconds without an event.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print each event as raw JSON (one line).")] = False,
+) -> None:
+    """Follow a pipeline's events, one line each (time, camera, query, track, boxes), or raw JSON.
+
+    Without --group it follows the live pub/sub channel (what is published from now on);
+    with --group it reads the stream through a consumer group, acking what it printed.
+    """
+    from streamvg.consumer import Subscriber, live_events
+
+    redis_url = url or os.environ.get("STREAMVG_REDIS_URL") or DEFAULT_URL
+    if group is None:
+        events = live_events(redis_url, pipeline, timeout_s=timeout, count=count)
+        sub = None
+    else:
+        sub = Subscriber(
+            redis_url, pipeline, group, consumer, start="0" if from_start else "$",
+            timeout_s=timeout, count=count,
+        )
+        events = iter(sub)
+    try:
+        for ev in events:
+            typer.echo(ev.to_json().decode() if json_out else format_event(ev))
+    finally:
+        if sub is not None:
+            sub.close(ack_last=True)
+
+
+def schema(
+    indent: Annotated[int, typer.Option("--indent", help="JSON indentation.")] = 2,
+) -> None:
+    """Print the JSON Schema of StreamVG events (streamvg.event/v1)."""
+    typer.echo(json.dumps(event_json_schema(), indent=indent or None))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("tail")(tail)
+    app.command("schema")(schema)
