@@ -181,9 +181,9 @@ class Detections:
     """
 
     xyxy: NDArray[np.float32]
-    score: NDArray[np.float32] = field(default=None)  # type: ignore[assignment]
-    image_index: NDArray[np.int64] = field(default=None)  # type: ignore[assignment]
-    track_id: NDArray[np.int64] = field(default=None)  # type: ignore[assignment]
+    score: NDArray[np.float32] = field(default=None)  # type: ignore[assignment,arg-type]
+    image_index: NDArray[np.int64] = field(default=None)  # type: ignore[assignment,arg-type]
+    track_id: NDArray[np.int64] = field(default=None)  # type: ignore[assignment,arg-type]
 
     def __post_init__(self) -> None:
         xyxy = np.asarray(self.xyxy)
