@@ -17,6 +17,7 @@
   backoff.
 
 `Subscriber.live()` follows the pub/sub channel instead (no history, no acks) for dashboards.
+A live message carries one published batch: its events as JSON lines, one event per line.
 """
 
 from __future__ import annotations
@@ -316,6 +317,8 @@ def live_events(
     """Events from the pub/sub channel of `pipeline`, validated; stops after `count`
     events or `timeout_s` seconds without one.
 
+    Each message is one batch published by `RedisSink`: events as JSON lines, yielded in order.
+
     Raises:
         RedisAuthError: Redis refused the credentials.
     """
@@ -338,14 +341,18 @@ def live_events(
             msg = ps.get_message(timeout=wait)
             if msg is None or msg.get("type") != "message":
                 continue
-            try:
-                ev = Event.from_json(msg["data"])
-            except ValidationError as exc:
-                log.warning("live message is not a valid streamvg event (%s); skipped", str(exc).splitlines()[0])
-                continue
-            n += 1
-            last = time.monotonic()
-            yield ev
+            # One message per published batch: its events as JSON lines (one event = one line).
+            for line in msg["data"].split(b"\n"):
+                if count is not None and n >= count:
+                    return
+                try:
+                    ev = Event.from_json(line)
+                except ValidationError as exc:
+                    log.warning("live message is not a valid streamvg event (%s); skipped", str(exc).splitlines()[0])
+                    continue
+                n += 1
+                last = time.monotonic()
+                yield ev
     finally:
         ps.close()
         r.close()

@@ -18,8 +18,14 @@ duplicates an at-least-once replay may deliver.
 
 Events built by StreamVG itself (`Event.grounding`, `Event.track`, `Event.source_status`)
 skip pydantic validation (their inputs are trusted and typed) and serialise with orjson,
-so publishing costs a few microseconds; events read back from Redis or files go through
-`Event.from_json`, which validates everything.
+so building and publishing one costs a few microseconds; events read back from Redis or
+files go through `Event.from_json`, which validates everything.
+
+The builders avoid numpy for the handful of boxes a frame usually has: a numpy call on a
+3-element array costs about a microsecond of fixed overhead, more than the arithmetic.
+Coordinates are rounded in plain Python with exactly numpy's rule (`x * 10**d`, round half
+to even, `/ 10**d`, sign of zero kept), so the wire bytes are the same either way; larger
+frames, and NaN/inf values, take the numpy path.
 """
 
 from __future__ import annotations
@@ -106,13 +112,29 @@ def make_event_id(
     ts = "" if t is None else f"{t:.6f}"
     wt = "" if (wall_time is None or kind != "source_status") else f"{wall_time:.6f}"
     key = f"{pipeline}|{kind}|{camera}|{query_id or ''}|{'' if frame_index is None else frame_index}|{ts}|{'' if track_id is None else track_id}|{state or ''}|{wt}"
-    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+    return _event_hash(key)
 
 
-def _boxes(det: Detections | None) -> list[Box]:
-    """Columnar `Detections` -> JSON-ready box dicts (coordinates rounded to 0.01 px)."""
-    if det is None or len(det) == 0:
-        return []
+# An empty BLAKE2b-128 state; copying it is cheaper than building one per event (the
+# constructor parses its keyword arguments each time). Same digest as
+# hashlib.blake2b(key.encode(), digest_size=16).
+_EMPTY_ID_HASH = hashlib.blake2b(digest_size=16)
+
+
+def _event_hash(key: str) -> str:
+    """BLAKE2b-128 hex digest of `key` (UTF-8): the event id."""
+    h = _EMPTY_ID_HASH.copy()
+    h.update(key.encode())
+    return h.hexdigest()
+
+
+# Up to this many boxes the builders round in plain Python (cheaper than numpy's per-call
+# overhead); above it numpy's vectorised rounding wins. Both give identical values.
+_PY_BOXES_MAX = 8
+
+
+def _boxes_numpy(det: Detections) -> list[Box]:
+    """The reference conversion: numpy rounding (`ndarray.round`), any number of boxes."""
     # ndarray.round (not np.round): the function wrapper costs more than the rounding here.
     xy = det.xyxy.astype(np.float64).round(2).tolist()
     sc = det.score.astype(np.float64).round(4).tolist()
@@ -122,6 +144,59 @@ def _boxes(det: Detections | None) -> list[Box]:
         {"xyxy": a, "score": b, "track_id": c, "image_index": d}
         for a, b, c, d in zip(xy, sc, ti, ii, strict=True)
     ]
+
+
+def _boxes(det: Detections | None) -> list[Box]:
+    """Columnar `Detections` -> JSON-ready box dicts (coordinates rounded to 0.01 px,
+    scores to 1e-4), bit-identical to `_boxes_numpy`.
+
+    `ndarray.round(d)` computes `rint(x * 10**d) / 10**d` in float64; for a finite float
+    `round(x * 100.0)` is the same round-half-to-even integer (exact), `int / 100.0` the
+    same correctly rounded quotient, and `or x * 0.0` restores the sign of a zero result
+    (numpy gives -0.0 for small negatives). NaN/inf make `round` raise; numpy handles those.
+    """
+    if det is None:
+        return []
+    xyxy = det.xyxy
+    if xyxy.shape[0] > _PY_BOXES_MAX:
+        return _boxes_numpy(det)
+    out: list[Box] = []
+    app = out.append
+    try:
+        for (x1, y1, x2, y2), s, ti, ii in zip(
+            xyxy.tolist(), det.score.tolist(), det.track_id.tolist(), det.image_index.tolist(), strict=True
+        ):
+            app(
+                {
+                    "xyxy": [
+                        round(x1 * 100.0) / 100.0 or x1 * 0.0,
+                        round(y1 * 100.0) / 100.0 or y1 * 0.0,
+                        round(x2 * 100.0) / 100.0 or x2 * 0.0,
+                        round(y2 * 100.0) / 100.0 or y2 * 0.0,
+                    ],
+                    "score": round(s * 10000.0) / 10000.0 or s * 0.0,
+                    "track_id": ti,
+                    "image_index": ii,
+                }
+            )
+    except (ValueError, OverflowError):  # NaN or inf somewhere: numpy keeps them as they are
+        return _boxes_numpy(det)
+    return out
+
+
+def _round_xyxy(xyxy: Sequence[float] | np.ndarray) -> list[float]:
+    """One box's 4 coordinates as float64, rounded to 0.01 like `np.round(..., 2)`."""
+    v = np.asarray(xyxy, dtype=np.float64).reshape(4)
+    try:
+        x1, y1, x2, y2 = v.tolist()
+        return [
+            round(x1 * 100.0) / 100.0 or x1 * 0.0,
+            round(y1 * 100.0) / 100.0 or y1 * 0.0,
+            round(x2 * 100.0) / 100.0 or x2 * 0.0,
+            round(y2 * 100.0) / 100.0 or y2 * 0.0,
+        ]
+    except (ValueError, OverflowError):  # NaN or inf
+        return cast(list[float], v.round(2).tolist())
 
 
 with warnings.catch_warnings():
@@ -206,12 +281,15 @@ with warnings.catch_warnings():
 
         @classmethod
         def _trusted(cls, fields: dict[str, Any]) -> Event:
-            """Build without validation (inputs already typed by StreamVG's own builders)."""
-            ev = cls.__new__(cls)
-            object.__setattr__(ev, "__dict__", fields)
-            object.__setattr__(ev, "__pydantic_fields_set__", set(fields))
-            object.__setattr__(ev, "__pydantic_extra__", None)
-            object.__setattr__(ev, "__pydantic_private__", None)
+            """Build without validation (inputs already typed by StreamVG's own builders).
+
+            `fields` must hold every field, in declaration order (the JSON key order).
+            """
+            ev = _new(cls)
+            _set_dict(ev, fields)
+            _set_fields_set(ev, set(_FIELD_NAMES))
+            _set_extra(ev, None)
+            _set_private(ev, None)
             return ev
 
         @classmethod
@@ -245,33 +323,44 @@ with warnings.catch_warnings():
                 >>> e.kind, e.boxes[0]["xyxy"], len(e.event_id)
                 ('grounding', [10.0, 20.0, 110.0, 220.0], 32)
             """
-            now = time.time() if processed_time is None else float(processed_time)
+            now = _time() if processed_time is None else float(processed_time)
             t = float(t)
             frame_index = int(frame_index)
-            if latency_ms is None and wall_time is not None:
-                latency_ms = round((now - wall_time) * 1000.0, 3)
-            return cls._trusted(
-                {
-                    "schema": SCHEMA,
-                    "event_id": make_event_id(pipeline, "grounding", camera, query_id, frame_index, t),
-                    "kind": "grounding",
-                    "pipeline": pipeline,
-                    "camera": camera,
-                    "query_id": query_id,
-                    "query": query,
-                    "t": t,
-                    "wall_time": None if wall_time is None else float(wall_time),
-                    "processed_time": now,
-                    "frame_index": frame_index,
-                    "frame_size": (int(frame_size[0]), int(frame_size[1])),
-                    "boxes": _boxes(detections),
-                    "model": model,
-                    "latency_ms": None if latency_ms is None else float(latency_ms),
-                    "track_id": None,
-                    "state": None,
-                    "detail": None,
-                }
-            )
+            if wall_time is not None:
+                if latency_ms is None:
+                    latency_ms = round((now - wall_time) * 1000.0, 3)
+                wall_time = float(wall_time)
+            # make_event_id(pipeline, "grounding", camera, query_id, frame_index, t), inlined:
+            # the key is the same string, built without the generic branches.
+            h = _EMPTY_ID_HASH.copy()
+            h.update(f"{pipeline}|grounding|{camera}|{query_id or ''}|{frame_index}|{t:.6f}|||".encode())
+            fields = {
+                "schema": SCHEMA,
+                "event_id": h.hexdigest(),
+                "kind": "grounding",
+                "pipeline": pipeline,
+                "camera": camera,
+                "query_id": query_id,
+                "query": query,
+                "t": t,
+                "wall_time": wall_time,
+                "processed_time": now,
+                "frame_index": frame_index,
+                "frame_size": (int(frame_size[0]), int(frame_size[1])),
+                "boxes": _boxes(detections),
+                "model": model,
+                "latency_ms": None if latency_ms is None else float(latency_ms),
+                "track_id": None,
+                "state": None,
+                "detail": None,
+            }
+            # Event._trusted(fields), inlined (one call less per event).
+            ev = _new(cls)
+            _set_dict(ev, fields)
+            _set_fields_set(ev, set(_FIELD_NAMES))
+            _set_extra(ev, None)
+            _set_private(ev, None)
+            return ev
 
         @classmethod
         def track(
@@ -310,14 +399,14 @@ with warnings.catch_warnings():
                 raise ValueError(
                     f"unknown track event kind {kind!r}; use one of {sorted(TRACK_KINDS)}"
                 ) from None
-            now = time.time() if processed_time is None else float(processed_time)
+            now = _time() if processed_time is None else float(processed_time)
             t = float(t)
             track_id = int(track_id)
             fi = None if frame_index is None else int(frame_index)
             if latency_ms is None and wall_time is not None:
                 latency_ms = round((now - wall_time) * 1000.0, 3)
             box: Box = {
-                "xyxy": np.round(np.asarray(xyxy, dtype=np.float64).reshape(4), 2).tolist(),
+                "xyxy": _round_xyxy(xyxy),
                 "score": round(float(score), 4),
                 "track_id": track_id,
                 "image_index": int(image_index),
@@ -413,6 +502,17 @@ with warnings.catch_warnings():
         def detections(self) -> Detections:
             """The boxes as columnar `Detections`."""
             return Detections.from_records(cast(list[dict[str, Any]], self.boxes))
+
+
+# What `Event._trusted` needs, bound once: BaseModel's slot setters (what
+# object.__setattr__ would look up on every call) and the field names.
+_new = object.__new__
+_set_dict = BaseModel.__dict__["__dict__"].__set__
+_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
+_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
+_time = time.time
+_FIELD_NAMES: frozenset[str] = frozenset(Event.model_fields)
 
 
 def event_json_schema() -> dict[str, Any]:
