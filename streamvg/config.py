@@ -162,6 +162,15 @@ class EngineConfig(_Model):
     base_url: str | None = Field(default=None, description="OpenAI-compatible endpoint for kind 'openai'.")
     api_key: str | None = Field(default=None, description="API key for kind 'openai' (never logged).")
     timeout_s: float = Field(default=60.0, gt=0, description="Remote request timeout in seconds (openai).")
+    retries: int = Field(
+        default=3, ge=0, le=10,
+        description="Retries of a remote request after HTTP 5xx/429, a timeout or a dropped connection, "
+        "with exponential backoff (openai).",
+    )
+    concurrency: int = Field(
+        default=4, ge=1, le=256,
+        description="Remote requests in flight at once (openai); more keeps a batching server busy.",
+    )
 
     @model_validator(mode="after")
     def _check_kind(self) -> EngineConfig:
@@ -175,22 +184,31 @@ class EngineConfig(_Model):
 
 
 class TrackerConfig(_Model):
-    """Time-aware tracker settings; times are media seconds, so they hold at any grounding rate.
+    """Time-aware tracker settings, in media seconds, hits and box sizes, so they hold at any rate.
 
-    The tracker module documents each trade-off; see `streamvg.tracking.Tracker`.
+    The same defaults work from 30 updates per second down to 1 (an MLLM grounding a camera):
+    motion is predicted by elapsed seconds and matches are gated by how far the prediction
+    can be off after that long, not by box overlap alone. See `streamvg.tracking.Tracker`.
     """
 
-    high_score: float = Field(default=0.5, ge=0, le=1, description="Boxes at or above this score start and extend tracks (first association stage).")
-    low_score: float = Field(default=0.1, ge=0, le=1, description="Boxes between low_score and high_score only extend existing tracks (second stage).")
-    min_confirm_hits: int = Field(default=2, ge=1, description="Matches before a track is confirmed and reported; higher removes flicker but delays new ids.")
-    max_lost_s: float = Field(default=3.0, gt=0, description="Seconds a track survives without a match; longer bridges occlusions but risks id switches.")
-    min_iou: float = Field(default=0.1, ge=0, le=1, description="IoU that alone is enough to allow a match.")
-    max_center_distance: float = Field(default=1.5, gt=0, description="Largest centre jump allowed between updates, in box sizes (size-normalised), for matches without overlap.")
+    high_score: float = Field(default=0.5, ge=0, le=1, description="Boxes at or above this score extend confirmed tracks first and may start new tracks; raising it avoids tracks from doubtful boxes but starts real ones later.")
+    low_score: float = Field(default=0.1, ge=0, le=1, description="Boxes scoring from low_score up to high_score only extend existing confirmed tracks (ByteTrack's second stage); boxes below are ignored.")
+    min_confirm_hits: int = Field(default=2, ge=1, description="Matched updates before a track is confirmed, gets an id and is reported; higher removes flicker from false boxes but delays new ids (at 1 update/s, by a second per hit).")
+    max_lost_s: float = Field(default=3.0, gt=0, description="Media seconds a confirmed track survives without a match; longer bridges occlusions and missed answers but risks handing the id to another object.")
+    gate_sigmas: float = Field(default=4.0, gt=0, description="Largest distance of a box from a track's predicted box (centre and size together), in standard deviations of the prediction; the allowance widens by itself with the seconds since the track was seen. Higher re-finds fast movers, lower confuses neighbours less.")
+    min_iou: float = Field(default=0.3, ge=0, le=1, description="Overlap with the predicted box that allows a match even outside the gate (sudden size changes at high rates); 1 disables it.")
+    iou_weight: float = Field(default=4.0, ge=0, description="How much overlap with the prediction favours a match, against the gate's distance (squared standard deviations); 0 matches by motion alone.")
+    measurement_noise: float = Field(default=0.08, gt=0, le=1, description="Expected error of a box edge, as a fraction of the box's width or height; higher smooths noisy boxes but follows real turns later.")
+    velocity_change: float = Field(default=1.0, gt=0, description="How much an object's velocity may change within one second, in box sizes per second (one standard deviation); higher follows sudden turns, lower keeps neighbours apart.")
+    initial_speed: float = Field(default=1.5, gt=0, description="Speed a new object may have, in box sizes per second (one standard deviation); sets how far from its first box a track is found at its second sighting.")
+    velocity_memory_s: float = Field(default=2.0, gt=0, description="Seconds over which a track's velocity is forgotten while it is predicted; bounds the travel guessed over a long gap (at most speed × this).")
 
     @model_validator(mode="after")
     def _check_scores(self) -> TrackerConfig:
         if self.low_score > self.high_score:
-            raise ValueError(f"low_score ({self.low_score}) is larger than high_score ({self.high_score})")
+            raise ValueError(
+                f"low_score must be at most high_score (= {self.high_score}); the value given is {self.low_score}"
+            )
         return self
 
 

@@ -1,0 +1,418 @@
+"""The time-aware tracker: ByteTrack's two-stage association on a Kalman filter driven by seconds.
+
+Grounding with an MLLM answers 1–2 times a second per camera, not 30. Between two answers a
+walking person moves about their own width, so consecutive boxes of one object often no longer
+overlap and IoU-only trackers (ByteTrack, SORT) break every track. This tracker instead:
+
+- predicts each track by the **elapsed media seconds** (`kalman.BoxKalman`), whatever the
+  rate and however irregular the times;
+- gates and scores matches by the **Mahalanobis distance** of a box to the prediction, whose
+  spread grows with the time since the track was last seen, plus how sure the prediction is
+  (so a long-lost track does not steal a box from a fresh one), with IoU as a second key;
+- associates in ByteTrack's stages: confident boxes to confirmed tracks, then weak boxes to
+  the confirmed tracks left, then confident boxes to tentative tracks, then new tracks;
+- counts lifetimes in **seconds** (`max_lost_s`) and confirmations in hits
+  (`min_confirm_hits`).
+
+Lifecycle, each transition an event (`pop_events`): tentative → confirmed (`started`) →
+matched again (`updated`) / missed (`lost`, once) → found again (`updated`) or gone for more
+than `max_lost_s` (`ended`). Tentative tracks that miss two updates in a row vanish without
+events.
+
+Track state is columnar (one numpy row per track), and `track_id` is written through index
+arrays, so the work per update is a handful of numpy calls plus one assignment per stage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.optimize import linear_sum_assignment
+
+from streamvg.config import TrackerConfig
+from streamvg.errors import StreamVGError
+from streamvg.tracking.kalman import BoxKalman, xyxy_to_cxcywh
+from streamvg.types import Detections
+
+__all__ = ["Track", "TrackEvent", "Tracker", "TrackerInputError"]
+
+TrackEventKind = Literal["started", "updated", "lost", "ended"]
+TrackState = Literal["tentative", "tracked", "lost"]
+I64 = NDArray[np.int64]
+F64 = NDArray[np.float64]
+
+_FORBIDDEN = 1e9
+_TENTATIVE_MISSES = 1  # missed updates a tentative track survives
+
+
+class TrackerInputError(StreamVGError, ValueError):
+    """Detections or a time given to the tracker are unusable (NaN boxes, x2 < x1, time going back)."""
+
+
+@dataclass(frozen=True, eq=False)
+class TrackEvent:
+    """One lifecycle transition of a track.
+
+    Attributes:
+        kind: `started` (confirmed, now has an id), `updated` (matched again), `lost`
+            (missed for the first time; may come back), `ended` (gone for good).
+        track_id: The track's id (≥ 0).
+        t: Media seconds: the update's time, except for `ended`, which carries the time the
+            track was last seen (so a search segment ends where the object was last seen).
+        xyxy: `(4,)` the matched box (`started`/`updated`), the last box seen (`lost`/`ended`).
+        score: The score of that box.
+    """
+
+    kind: TrackEventKind
+    track_id: int
+    t: float
+    xyxy: NDArray[np.float32]
+    score: float
+
+
+@dataclass(frozen=True, eq=False)
+class Track:
+    """A snapshot of one live track (see `Tracker.tracks`).
+
+    Attributes:
+        track_id: Id once confirmed; `-1` while tentative.
+        state: `tentative`, `tracked` (matched at the last update) or `lost`.
+        xyxy: `(4,)` the filter's current box estimate, in pixels.
+        velocity: `(2,)` centre velocity, pixels per second.
+        score: Score of the last matched box.
+        first_t: Media time the object was first detected (before confirmation).
+        last_t: Media time it was last matched.
+        hits: Number of matched updates.
+    """
+
+    track_id: int
+    state: TrackState
+    xyxy: NDArray[np.float32]
+    velocity: NDArray[np.float32]
+    score: float
+    first_t: float
+    last_t: float
+    hits: int
+
+
+def _iou(a: NDArray[Any], b: NDArray[Any]) -> F64:
+    """`(len(a), len(b))` IoU of xyxy boxes."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.asarray(np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0), dtype=np.float64)
+
+
+def _assign(cost: F64, allowed: NDArray[np.bool_], rows: I64, cols: I64) -> tuple[I64, I64, I64, I64]:
+    """Optimal assignment of tracks `rows` to boxes `cols` within the gate.
+
+    Returns matched rows, their matched cols, the free rows and the free cols.
+    """
+    if len(rows) == 0 or len(cols) == 0:
+        return rows[:0], cols[:0], rows, cols
+    ok = allowed[np.ix_(rows, cols)]
+    if not ok.any():
+        return rows[:0], cols[:0], rows, cols
+    r, k = linear_sum_assignment(np.where(ok, cost[np.ix_(rows, cols)], _FORBIDDEN))
+    keep = ok[r, k]
+    r, k = r[keep], k[keep]
+    free_r = np.ones(len(rows), bool)
+    free_r[r] = False
+    free_k = np.ones(len(cols), bool)
+    free_k[k] = False
+    return rows[r], cols[k], rows[free_r], cols[free_k]
+
+
+def _cxcywh_to_xyxy(b: F64) -> F64:
+    half = np.maximum(b[:, 2:4], 0.0) / 2
+    return np.concatenate([b[:, :2] - half, b[:, :2] + half], axis=1)
+
+
+class Tracker:
+    """Multi-object tracker for one (camera, query), fed by media time.
+
+    Args:
+        config: The settings (`streamvg.config.TrackerConfig`; every field documents its
+            unit and trade-off). Defaults hold from 1 to 30 updates per second.
+        **overrides: Fields to change from `config` (or the defaults), e.g.
+            `Tracker(max_lost_s=5.0)`; validated like the pipeline file.
+
+    Example:
+        >>> trk = Tracker(min_confirm_hits=2)
+        >>> box = lambda x: Detections(np.array([[x, 10, x + 40, 110]]), np.array([0.9]))
+        >>> trk.update(box(0), t=0.0).track_id.tolist()      # tentative: not reported yet
+        []
+        >>> trk.update(box(60), t=0.6).track_id.tolist()     # no overlap with the first box
+        [0]
+        >>> [e.kind for e in trk.pop_events()]
+        ['started']
+        >>> trk.update(Detections.empty(), t=1.2).track_id.tolist(), trk.pop_events()[0].kind
+        ([], 'lost')
+        >>> trk.update(box(170), t=1.8).track_id.tolist()    # missed once, same id
+        [0]
+    """
+
+    def __init__(self, config: TrackerConfig | None = None, **overrides: Any) -> None:
+        base = config if config is not None else TrackerConfig()
+        self.config = base.model_copy(update=overrides) if overrides else base
+        if overrides:  # model_copy does not validate
+            self.config = TrackerConfig.model_validate(self.config.model_dump())
+        c = self.config
+        self._kf = BoxKalman(
+            measurement_noise=c.measurement_noise,
+            velocity_change=c.velocity_change,
+            initial_speed=c.initial_speed,
+            velocity_memory_s=c.velocity_memory_s,
+        )
+        self._gate_d2 = c.gate_sigmas**2
+        self._next_id = 0
+        self.reset()
+
+    # --- state ------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget every track and event and restart ids at 0 (a new video or scene)."""
+        self._mean: F64 = np.zeros((0, 8))
+        self._cov: F64 = np.zeros((0, 8, 8))
+        self._id: I64 = np.zeros(0, np.int64)  # -1 = tentative
+        self._hits: I64 = np.zeros(0, np.int64)
+        self._first_t: F64 = np.zeros(0)
+        self._last_t: F64 = np.zeros(0)
+        self._score: F64 = np.zeros(0)
+        self._box: F64 = np.zeros((0, 4))  # last matched box, xyxy
+        self._lost = np.zeros(0, bool)
+        self._misses: I64 = np.zeros(0, np.int64)  # consecutive missed updates
+        self._t: float | None = None
+        self._events: list[TrackEvent] = []
+        self._next_id = 0
+
+    @property
+    def t(self) -> float | None:
+        """Media time of the last update (`None` before the first)."""
+        return self._t
+
+    @property
+    def tracks(self) -> list[Track]:
+        """Snapshots of the live tracks (tentative ones have `track_id == -1`)."""
+        boxes = _cxcywh_to_xyxy(self._mean[:, :4]).astype(np.float32)
+        out = []
+        for i in range(len(self._id)):
+            state: TrackState = "tentative" if self._id[i] < 0 else "lost" if self._lost[i] else "tracked"
+            out.append(Track(
+                track_id=int(self._id[i]), state=state, xyxy=boxes[i],
+                velocity=self._mean[i, 4:6].astype(np.float32), score=float(self._score[i]),
+                first_t=float(self._first_t[i]), last_t=float(self._last_t[i]), hits=int(self._hits[i]),
+            ))
+        return out
+
+    def pop_events(self) -> list[TrackEvent]:
+        """Lifecycle events since the last call, in the order they happened."""
+        events, self._events = self._events, []
+        return events
+
+    # --- updates ----------------------------------------------------------------------
+
+    def update(self, detections: Detections, t: float) -> Detections:
+        """Advance to media time `t` and associate the boxes of one frame.
+
+        Args:
+            detections: Boxes of one frame in pixels (`score` splits confident from weak
+                boxes). All rows must share one `image_index`; use `update_window` for a
+                window of several frames.
+            t: Media seconds of that frame; never less than the previous update's time
+                (equal is allowed, irregular gaps are fine).
+
+        Returns:
+            The rows of `detections` that belong to confirmed tracks, in input order, with
+            `track_id` set (≥ 0) and every other column unchanged. Boxes of tentative
+            tracks and unmatched boxes are left out.
+
+        Raises:
+            TrackerInputError: `detections` is not `Detections`, a box is NaN/inf or has
+                x2 < x1 / y2 < y1, rows span several frames, or `t` is not finite or goes back.
+        """
+        t = self._check_time(t)
+        dets = self._check_detections(detections)
+        dt = 0.0 if self._t is None else t - self._t
+        self._t = t
+        self._mean, self._cov = self._kf.predict(self._mean, self._cov, dt)
+
+        c = self.config
+        score = dets.score.astype(np.float64)
+        high = np.flatnonzero(score >= c.high_score)
+        low = np.flatnonzero((score >= c.low_score) & (score < c.high_score))
+        z = xyxy_to_cxcywh(dets.xyxy)
+        cost, allowed = self._costs(z, dets.xyxy)
+
+        confirmed = np.flatnonzero(self._id >= 0)
+        tentative = np.flatnonzero(self._id < 0)
+        tr1, de1, free_tr, free_high = _assign(cost, allowed, confirmed, high)
+        tr2, de2, _, _ = _assign(cost, allowed, free_tr, low)
+        tr3, de3, _, new = _assign(cost, allowed, tentative, free_high)
+        rows = np.concatenate([tr1, tr2, tr3]).astype(np.int64)
+        cols = np.concatenate([de1, de2, de3]).astype(np.int64)
+
+        self._apply_matches(rows, cols, z, dets, t)
+        new_rows = self._spawn(new, z, dets, t)
+        out_rows, out_ids = self._lifecycle(
+            np.concatenate([rows, new_rows]), np.concatenate([cols, new]).astype(np.int64), dets, t
+        )
+
+        order = np.argsort(out_rows, kind="stable")
+        idx = out_rows[order]
+        return Detections(dets.xyxy[idx], dets.score[idx], dets.image_index[idx], out_ids[order])
+
+    def update_window(self, detections: Detections, times: Sequence[float]) -> Detections:
+        """Feed a window's detections frame by frame, in time order.
+
+        Args:
+            detections: Boxes of the whole window; `image_index` k belongs to frame k.
+            times: Media seconds of each frame of the window (`times[k]` for image k).
+
+        Returns:
+            The tracked rows of every frame, concatenated in time order, `image_index` kept.
+        """
+        dets = self._check_detections(detections, one_frame=False)
+        times = [float(x) for x in times]
+        if len(dets) and (dets.image_index.min() < 0 or dets.image_index.max() >= len(times)):
+            raise TrackerInputError(
+                f"detections.image_index must lie in [0, {len(times) - 1}] for a window of "
+                f"{len(times)} times, got {sorted(set(dets.image_index.tolist()))}; give one time per frame"
+            )
+        parts = []
+        for k in sorted(range(len(times)), key=lambda k: times[k]):
+            parts.append(self.update(dets[dets.image_index == k], times[k]))
+        return Detections.concat(parts)
+
+    def finish(self, t: float) -> None:
+        """End every track now (end of the video): confirmed ones emit `ended`; ids keep counting."""
+        self._check_time(t)
+        self._end(np.ones(len(self._id), bool))
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _check_time(self, t: float) -> float:
+        try:
+            t = float(t)
+        except (TypeError, ValueError):
+            raise TrackerInputError(f"tracker time t must be a number of media seconds, got {t!r}") from None
+        if not math.isfinite(t):
+            raise TrackerInputError(f"tracker time t must be finite media seconds, got {t}")
+        if self._t is not None and t < self._t:
+            raise TrackerInputError(
+                f"tracker time went back from {self._t:.3f}s to {t:.3f}s; feed frames in time "
+                "order, or call reset()/use a new Tracker when the clock restarts"
+            )
+        return t
+
+    def _check_detections(self, detections: Detections, *, one_frame: bool = True) -> Detections:
+        if not isinstance(detections, Detections):
+            raise TrackerInputError(
+                f"tracker input must be streamvg.types.Detections, got {type(detections).__name__}"
+            )
+        try:
+            detections.validate_boxes("tracker input")
+        except ValueError as exc:
+            raise TrackerInputError(str(exc)) from None
+        if one_frame and len(detections) and detections.image_index.min() != detections.image_index.max():
+            raise TrackerInputError(
+                "tracker input spans several frames (image_index "
+                f"{sorted(set(detections.image_index.tolist()))}); use update_window(detections, times)"
+            )
+        return detections
+
+    def _costs(self, z: F64, det_xyxy: NDArray[np.float32]) -> tuple[F64, NDArray[np.bool_]]:
+        """Association cost and gate `(tracks, boxes)` for every track against every box."""
+        n, m = len(self._id), len(z)
+        if n == 0 or m == 0:
+            return np.zeros((n, m)), np.zeros((n, m), bool)
+        d2, logdet = self._kf.mahalanobis(self._mean, self._cov, z)
+        iou = _iou(_cxcywh_to_xyxy(self._mean[:, :4]), det_xyxy.astype(np.float64))
+        allowed = (d2 <= self._gate_d2) | (iou >= self.config.min_iou)
+        # Negative log-likelihood of the box under the prediction (relative to a perfectly
+        # known track), minus an IoU bonus: sure, close, overlapping tracks win ties.
+        spread = logdet - self._kf.measurement_logdet(self._mean[:, :4])
+        cost = d2 + spread[:, None] - self.config.iou_weight * iou
+        return cost, allowed
+
+    def _apply_matches(self, rows: I64, cols: I64, z: F64, dets: Detections, t: float) -> None:
+        if len(rows) == 0:
+            return
+        self._mean[rows], self._cov[rows] = self._kf.update(self._mean[rows], self._cov[rows], z[cols])
+        self._hits[rows] += 1
+        self._last_t[rows] = t
+        self._score[rows] = dets.score[cols]
+        self._box[rows] = dets.xyxy[cols]
+
+    def _lifecycle(self, rows: I64, cols: I64, dets: Detections, t: float) -> tuple[I64, I64]:
+        """Confirm, update, lose and end tracks; returns (detection rows, track ids) to report."""
+        c = self.config
+        matched = np.zeros(len(self._id), bool)
+        matched[rows] = True
+        confirm = (self._id[rows] < 0) & (self._hits[rows] >= c.min_confirm_hits)
+        n_new = int(confirm.sum())
+        self._id[rows[confirm]] = np.arange(self._next_id, self._next_id + n_new)
+        self._next_id += n_new
+        report = self._id[rows] >= 0
+        out_rows, out_ids = cols[report], self._id[rows[report]]
+        self._lost[rows[report]] = False
+        kinds = np.where(confirm[report], "started", "updated").tolist()
+        self._events.extend(
+            TrackEvent(kind, tid, t, box, sc)
+            for kind, tid, box, sc in zip(
+                kinds, out_ids.tolist(), dets.xyxy[out_rows], dets.score[out_rows].tolist(), strict=True
+            )
+        )
+        newly_lost = ~matched & (self._id >= 0) & ~self._lost
+        for r in np.flatnonzero(newly_lost).tolist():
+            self._lost[r] = True
+            self._events.append(TrackEvent(
+                "lost", int(self._id[r]), t, self._box[r].astype(np.float32), float(self._score[r])
+            ))
+        self._misses[matched] = 0
+        self._misses[~matched] += 1
+        # A tentative track may miss one update (a dropped answer), never two: its gate
+        # widens with time, and a stray box far away must not confirm it.
+        gone = ~matched & (((self._id < 0) & (self._misses > _TENTATIVE_MISSES)) | (t - self._last_t > c.max_lost_s))
+        self._end(gone)
+        return out_rows, out_ids.astype(np.int64)
+
+    def _end(self, gone: NDArray[np.bool_]) -> None:
+        if not gone.any():
+            return
+        for r in np.flatnonzero(gone & (self._id >= 0)).tolist():
+            self._events.append(TrackEvent(
+                "ended", int(self._id[r]), float(self._last_t[r]), self._box[r].astype(np.float32),
+                float(self._score[r]),
+            ))
+        keep = ~gone
+        self._mean, self._cov = self._mean[keep], self._cov[keep]
+        self._id, self._hits, self._lost = self._id[keep], self._hits[keep], self._lost[keep]
+        self._first_t, self._last_t = self._first_t[keep], self._last_t[keep]
+        self._score, self._box, self._misses = self._score[keep], self._box[keep], self._misses[keep]
+
+    def _spawn(self, new: I64, z: F64, dets: Detections, t: float) -> I64:
+        """Start tentative tracks from boxes `new`; returns their rows (for `_lifecycle`)."""
+        n, start = len(new), len(self._id)
+        if n == 0:
+            return np.zeros(0, np.int64)
+        mean, cov = self._kf.initiate(z[new])
+        self._mean = np.concatenate([self._mean, mean])
+        self._cov = np.concatenate([self._cov, cov])
+        self._id = np.concatenate([self._id, np.full(n, -1, np.int64)])
+        self._hits = np.concatenate([self._hits, np.ones(n, np.int64)])
+        self._first_t = np.concatenate([self._first_t, np.full(n, t)])
+        self._last_t = np.concatenate([self._last_t, np.full(n, t)])
+        self._score = np.concatenate([self._score, dets.score[new].astype(np.float64)])
+        self._box = np.concatenate([self._box, dets.xyxy[new].astype(np.float64)])
+        self._lost = np.concatenate([self._lost, np.zeros(n, bool)])
+        self._misses = np.concatenate([self._misses, np.zeros(n, np.int64)])
+        return np.arange(start, start + n, dtype=np.int64)

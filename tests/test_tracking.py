@@ -1,0 +1,240 @@
+"""The time-aware tracker: ids across crossings, gaps and irregular times; lifecycle events; bad input."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from streamvg.config import TrackerConfig
+from streamvg.tracking import BoxKalman, Tracker, TrackerInputError
+from streamvg.tracking.kalman import xyxy_to_cxcywh
+from streamvg.types import Detections
+
+
+def boxes(*xyxy: tuple[float, float, float, float], score: float = 0.9) -> Detections:
+    arr = np.array(xyxy, dtype=np.float32).reshape(-1, 4)
+    return Detections(arr, np.full(len(arr), score, np.float32))
+
+
+def person(cx: float, cy: float, h: float = 120.0) -> tuple[float, float, float, float]:
+    w = 0.4 * h
+    return (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+
+
+def ids_by_x(out: Detections) -> dict[int, float]:
+    """track id -> box centre x."""
+    cx = (out.xyxy[:, 0] + out.xyxy[:, 2]) / 2
+    return dict(zip(out.track_id.tolist(), cx.tolist(), strict=True))
+
+
+def test_crossing_objects_keep_ids_at_low_rate() -> None:
+    # Two people walk towards each other at 60 px/s (1.25 box widths/s), sampled at 1 Hz
+    # with a jittered clock; they cross between t=4 and t=6 (their boxes overlap then).
+    trk = Tracker()
+    rng = np.random.default_rng(0)
+    times = np.cumsum(rng.uniform(0.8, 1.2, 12))
+    first: dict[int, str] = {}
+    for t in times:
+        a = person(100 + 60 * t, 200)
+        b = person(600 - 60 * t, 215)
+        out = trk.update(boxes(a, b), float(t))
+        for tid, cx in ids_by_x(out).items():
+            who = "a" if abs(cx - (a[0] + a[2]) / 2) < abs(cx - (b[0] + b[2]) / 2) else "b"
+            assert first.setdefault(tid, who) == who, f"id {tid} switched to {who} at t={t:.2f}"
+    assert sorted(first.values()) == ["a", "b"]
+    assert len(first) == 2
+
+
+def test_boxes_that_no_longer_overlap_keep_their_id() -> None:
+    # 1.7 updates/s: each step moves the box by 1.5 widths, so consecutive boxes never overlap.
+    trk = Tracker()
+    seen = set()
+    for k in range(10):
+        t = k / 1.7
+        out = trk.update(boxes(person(50 + 72 * k, 240)), t)
+        seen.update(out.track_id.tolist())
+    assert seen == {0}
+
+
+def test_missing_for_less_than_max_lost_keeps_id_and_longer_ends() -> None:
+    trk = Tracker(max_lost_s=2.0)
+    for t in (0.0, 0.5, 1.0):
+        trk.update(boxes(person(100 + 50 * t, 200)), t)
+    (tid,) = {tr.track_id for tr in trk.tracks}
+    trk.pop_events()
+    trk.update(Detections.empty(), 1.5)
+    assert [e.kind for e in trk.pop_events()] == ["lost"]
+    out = trk.update(boxes(person(100 + 50 * 2.8, 200)), 2.8)  # 1.8 s unseen < 2.0 s
+    assert out.track_id.tolist() == [tid]
+    assert [e.kind for e in trk.pop_events()] == ["updated"]
+    trk.update(Detections.empty(), 4.0)
+    trk.update(Detections.empty(), 4.9)  # 2.1 s unseen > 2.0 s
+    events = trk.pop_events()
+    assert [e.kind for e in events] == ["lost", "ended"]
+    assert events[-1].t == pytest.approx(2.8)  # ended carries the last time seen
+    assert trk.tracks == []
+    # The object returns after its track ended: a new id.
+    trk.update(boxes(person(300, 200)), 5.0)
+    out = trk.update(boxes(person(310, 200)), 5.5)
+    assert out.track_id.tolist() == [tid + 1]
+
+
+def test_lifecycle_events_and_confirmation() -> None:
+    trk = Tracker(min_confirm_hits=3)
+    outs = [trk.update(boxes(person(100 + 10 * k, 100)), 0.2 * k) for k in range(4)]
+    assert [len(o) for o in outs] == [0, 0, 1, 1]
+    events = trk.pop_events()
+    assert [e.kind for e in events] == ["started", "updated"]
+    assert events[0].t == pytest.approx(0.4) and events[0].track_id == 0
+    assert events[0].xyxy.shape == (4,) and events[0].score == pytest.approx(0.9)
+    (track,) = trk.tracks
+    assert track.state == "tracked" and track.hits == 4 and track.first_t == 0.0
+    assert track.velocity[0] > 0  # moving right
+    trk.finish(0.8)
+    assert [e.kind for e in trk.pop_events()] == ["ended"]
+    assert trk.tracks == []
+
+
+def test_min_confirm_hits_one_reports_at_once() -> None:
+    trk = Tracker(min_confirm_hits=1)
+    out = trk.update(boxes(person(100, 100), person(400, 100)), 0.0)
+    assert out.track_id.tolist() == [0, 1]
+    assert [e.kind for e in trk.pop_events()] == ["started", "started"]
+
+
+def test_tentative_track_from_a_single_false_box_never_reports() -> None:
+    trk = Tracker()
+    trk.update(boxes(person(100, 100)), 0.0)
+    out = trk.update(boxes(person(500, 300)), 0.5)  # far away: not the same object
+    assert len(out) == 0 and trk.pop_events() == []
+
+
+def test_low_score_boxes_extend_but_never_start_tracks() -> None:
+    trk = Tracker(high_score=0.6, low_score=0.2)
+    assert len(trk.update(boxes(person(100, 100), score=0.4), 0.0)) == 0
+    assert len(trk.update(boxes(person(105, 100), score=0.4), 0.1)) == 0
+    assert trk.tracks == []
+    trk.update(boxes(person(100, 100)), 1.0)
+    trk.update(boxes(person(110, 100)), 1.2)
+    out = trk.update(boxes(person(120, 100), score=0.3), 1.4)  # weak box, existing track
+    assert out.track_id.tolist() == [0] and out.score.tolist() == pytest.approx([0.3])
+    assert len(trk.update(boxes(person(130, 100), score=0.1), 1.6)) == 0  # below low_score
+
+
+def test_empty_updates_and_output_columns() -> None:
+    trk = Tracker()
+    out = trk.update(Detections.empty(), 0.0)
+    assert len(out) == 0 and out.xyxy.shape == (0, 4)
+    d = Detections(
+        np.array([[10, 10, 50, 110], [300, 10, 340, 110], [600, 0, 610, 5]], np.float32),
+        np.array([0.9, 0.8, 0.05], np.float32), image_index=np.array([2, 2, 2]),
+    )
+    trk.update(d, 0.5)
+    shifted = Detections(d.xyxy + np.float32(5), d.score, d.image_index)
+    out = trk.update(shifted, 0.7)
+    # Input order kept, pixel boxes and other columns untouched, the unscored box left out.
+    assert out.track_id.tolist() == [0, 1]
+    np.testing.assert_array_equal(out.xyxy, shifted.xyxy[:2])
+    assert out.image_index.tolist() == [2, 2]
+    trk.pop_events()
+    out = trk.update(Detections.empty(), 0.8)
+    assert len(out) == 0 and out.track_id.dtype == np.int64
+    assert sorted((e.kind, e.track_id) for e in trk.pop_events()) == [("lost", 0), ("lost", 1)]
+    assert [tr.state for tr in trk.tracks] == ["lost", "lost"]
+
+
+def test_update_window_feeds_frames_in_time_order() -> None:
+    trk = Tracker()
+    # Frames listed out of time order: image 0 is the latest.
+    times = [1.0, 0.0, 0.5]
+    xs = {0: 200.0, 1: 100.0, 2: 150.0}
+    d = Detections.concat([
+        Detections(np.array([person(xs[k], 100)], np.float32), np.array([0.9]), np.array([k])) for k in (0, 1, 2)
+    ])
+    out = trk.update_window(d, times)
+    assert out.image_index.tolist() == [2, 0]  # frames at 0.5 s and 1.0 s (confirmed at the 2nd)
+    assert set(out.track_id.tolist()) == {0}
+    assert trk.t == 1.0
+    with pytest.raises(TrackerInputError, match="image_index must lie in"):
+        trk.update_window(d, [2.0, 2.5])
+
+
+def test_irregular_times_and_duplicate_time() -> None:
+    trk = Tracker()
+    times = [0.0, 0.04, 0.9, 0.95, 2.6, 2.6, 2.65, 4.0]
+    seen = set()
+    for t in times:
+        seen.update(trk.update(boxes(person(100 + 40 * t, 150)), t).track_id.tolist())
+    assert seen == {0}
+
+
+@pytest.mark.parametrize(
+    ("xyxy", "match"),
+    [
+        ([[0, 0, np.nan, 10]], "not finite"),
+        ([[0, 0, np.inf, 10]], "not finite"),
+        ([[10, 0, 5, 10]], "x2 < x1"),
+        ([[0, 10, 5, 0]], "y2 < y1"),
+    ],
+)
+def test_bad_boxes_are_rejected_clearly(xyxy: list[list[float]], match: str) -> None:
+    trk = Tracker()
+    with pytest.raises(TrackerInputError, match=match):
+        trk.update(Detections(np.array(xyxy, np.float32)), 0.0)
+    assert trk.t is None  # nothing changed
+
+
+def test_bad_times_and_types_are_rejected_clearly() -> None:
+    trk = Tracker()
+    trk.update(boxes(person(100, 100)), 2.0)
+    with pytest.raises(TrackerInputError, match=r"went back from 2\.000s to 1\.000s"):
+        trk.update(boxes(person(100, 100)), 1.0)
+    with pytest.raises(TrackerInputError, match="finite"):
+        trk.update(boxes(person(100, 100)), float("nan"))
+    with pytest.raises(TrackerInputError, match=r"must be streamvg\.types\.Detections, got ndarray"):
+        trk.update(np.zeros((1, 4)), 3.0)  # type: ignore[arg-type]
+    with pytest.raises(TrackerInputError, match="spans several frames"):
+        trk.update(Detections(np.zeros((2, 4)), image_index=np.array([0, 1])), 3.0)
+
+
+def test_config_checks_name_the_argument_and_value() -> None:
+    with pytest.raises(ValidationError, match=r"low_score must be at most high_score \(= 0.3\); the value given is 0.6"):
+        TrackerConfig(low_score=0.6, high_score=0.3)
+    with pytest.raises(ValidationError, match="max_lost_s"):
+        Tracker(max_lost_s=-1)
+    assert Tracker(TrackerConfig(max_lost_s=7), min_confirm_hits=1).config.max_lost_s == 7
+
+
+def test_ids_are_per_instance_and_reset_restarts_them() -> None:
+    a, b = Tracker(min_confirm_hits=1), Tracker(min_confirm_hits=1)
+    a.update(boxes(person(100, 100), person(400, 100)), 0.0)
+    assert b.update(boxes(person(100, 100)), 0.0).track_id.tolist() == [0]
+    a.reset()
+    assert a.t is None and a.tracks == [] and a.pop_events() == []
+    assert a.update(boxes(person(100, 100)), 0.0).track_id.tolist() == [0]
+
+
+def test_state_survives_pickling() -> None:
+    # Scale-out workers hand a camera's tracker over by pickling it.
+    trk = Tracker()
+    for k in range(3):
+        trk.update(boxes(person(100 + 50 * k, 100)), 0.5 * k)
+    copy = pickle.loads(pickle.dumps(trk))
+    out = copy.update(boxes(person(250, 100)), 1.5)
+    assert out.track_id.tolist() == trk.update(boxes(person(250, 100)), 1.5).track_id.tolist() == [0]
+
+
+def test_kalman_prediction_is_bounded_over_long_gaps() -> None:
+    kf = BoxKalman(measurement_noise=0.05, velocity_change=1.0, initial_speed=1.5, velocity_memory_s=2.0)
+    mean, cov = kf.initiate(xyxy_to_cxcywh(np.array([[0, 0, 40, 100]])))
+    mean[:, 4] = 100.0  # 100 px/s to the right
+    short, _ = kf.predict(mean, cov, 0.04)
+    long_, cov_long = kf.predict(mean, cov, 60.0)
+    assert short[0, 0] == pytest.approx(20 + 100 * 0.04, rel=0.02)
+    assert long_[0, 0] < 20 + 100 * 2.0 + 1e-6  # at most speed x velocity_memory_s
+    # Uncertainty grows with time, so the gate widens after a gap.
+    _, cov_short = kf.predict(mean, cov, 0.5)
+    assert cov_long[0, 0, 0] > cov_short[0, 0, 0] > cov[0, 0, 0]
