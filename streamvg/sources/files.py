@@ -1,0 +1,517 @@
+"""Video files: sampling by container PTS, exact or snapped to keyframes.
+
+How a file is read:
+
+1. **Index scan.** The file's packets are demuxed once without decoding (cheap: no pixel
+   work) to learn every frame's PTS and which frames are keyframes. Sample times are then
+   matched against real PTS, never `index / nominal_fps`, so variable-frame-rate files and
+   B-frames (decode order ≠ presentation order) come out right.
+2. **Plan.** For each target time `t0 + k / fps`, `snap="exact"` wants the first frame at or
+   after it; `snap="keyframe"` wants the keyframe nearest to it if one lies within
+   `tolerance_s` (default half the sampling period), else the cheapest frame within the
+   tolerance: the earliest one, which needs the fewest frames decoded since its keyframe.
+   Each frame is handed out at most once, in presentation order.
+3. **Decode only what is needed** (PyAV backend). For a wanted frame in a later GOP the
+   reader seeks straight to that GOP's keyframe; inside a GOP it decodes forward, telling
+   the decoder to skip non-reference frames (`skip_frame="NONREF"`) before the wanted one,
+   since nothing later depends on them. Keyframe wants decode with `skip_frame="NONKEY"`.
+   Only handed-out frames are converted to RGB.
+
+The decord backend (`backend="decord"`) reads the same plan through `VideoReader.get_batch`
+in small batches; it cannot skip non-reference frames, so it is slower here and is used
+only when asked for (see the README's measured ratios). Either way memory holds one
+batch of frames, not the video.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+import math
+import os
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from streamvg.errors import SourceError, SourceNotFoundError, UnsupportedSourceError
+from streamvg.sources.base import Snap, Source, StatusCallback
+from streamvg.types import Frame
+
+__all__ = ["FileIndex", "FileSource", "plan_samples", "scan_file"]
+
+log = logging.getLogger("streamvg.sources.files")
+
+Backend = Literal["auto", "pyav", "decord"]
+
+
+@dataclass
+class FileIndex:
+    """Every frame's PTS of a file's first video stream, from a demux-only scan.
+
+    Attributes:
+        time_base: Seconds per PTS tick.
+        pts: Frame PTS in ticks, sorted (presentation order); frame index = position.
+        key_pts: Keyframe PTS in ticks, sorted.
+        expected_frames: Frame count the container header promises (0 when unknown).
+        complete: False when the scan stopped early (a truncated or damaged file).
+        timed: False for streams without timestamps (raw `.h264` elementary streams): then,
+            and only then, frame times are `index / nominal fps`.
+    """
+
+    time_base: Fraction
+    pts: list[int]
+    key_pts: list[int]
+    expected_frames: int
+    complete: bool
+    timed: bool = True
+
+    def seconds(self, ticks: int) -> float:
+        return float(ticks * self.time_base)
+
+    def ticks(self, seconds: float) -> int:
+        """The first tick at or after `seconds` (tolerating float rounding)."""
+        return math.ceil(seconds / self.time_base - 1e-6)
+
+    def key_for(self, ticks: int) -> int:
+        """Position in `key_pts` of the last keyframe at or before `ticks` (0 if none)."""
+        return max(0, bisect.bisect_right(self.key_pts, ticks) - 1)
+
+
+def _translate_open_error(path: str, exc: BaseException) -> SourceError:
+    import av
+
+    if isinstance(exc, FileNotFoundError):
+        return SourceNotFoundError(f"Video file {path} does not exist; check the path.", source=path)
+    if isinstance(exc, IsADirectoryError):
+        return UnsupportedSourceError(f"{path} is a directory, not a video file; give a video file path.", source=path)
+    if isinstance(exc, PermissionError):
+        return SourceError(f"Video file {path} cannot be read (permission denied); check its permissions.", source=path)
+    reason = str(getattr(exc, "strerror", None) or exc) if isinstance(exc, av.FFmpegError) else str(exc)
+    hint = "moov atom" in reason.lower() or "end of file" in reason.lower()
+    return UnsupportedSourceError(
+        f"{path} is not a video file StreamVG can read ({reason.strip() or type(exc).__name__}); "
+        + ("the file may be truncated before its index was written; " if hint else "")
+        + "give an MP4, MKV, MOV, AVI, WebM or MPEG-TS video.",
+        source=path,
+    )
+
+
+def _open(path: str) -> Any:
+    """Open `path` with PyAV and return `(container, video_stream)`, errors translated."""
+    import av
+
+    if not os.path.exists(path):
+        raise SourceNotFoundError(f"Video file {path} does not exist; check the path.", source=path)
+    if os.path.isdir(path):
+        raise UnsupportedSourceError(f"{path} is a directory, not a video file; give a video file path.", source=path)
+    try:
+        container = av.open(path, "r")
+    except (av.FFmpegError, OSError) as exc:
+        raise _translate_open_error(path, exc) from exc
+    if not container.streams.video:
+        container.close()
+        raise UnsupportedSourceError(
+            f"{path} has no video stream (only audio or data); give a file with video.", source=path
+        )
+    return container, container.streams.video[0]
+
+
+def scan_file(path: str) -> tuple[FileIndex, dict[str, Any]]:
+    """Demux `path` once (no decoding) and return its `FileIndex` and stream facts.
+
+    Raises:
+        SourceNotFoundError: The file does not exist.
+        UnsupportedSourceError: It is not a readable video (or has no video frames).
+    """
+    import av
+
+    container, stream = _open(path)
+    try:
+        tb = stream.time_base or Fraction(1, 90000)
+        pts: list[int] = []
+        keys: list[int] = []
+        untimed: list[bool] = []  # keyframe flag of packets without any timestamp
+        complete = True
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0:
+                    continue
+                p = packet.pts if packet.pts is not None else packet.dts
+                if p is None:
+                    untimed.append(bool(packet.is_keyframe))
+                    continue
+                pts.append(int(p))
+                if packet.is_keyframe:
+                    keys.append(int(p))
+        except av.FFmpegError as exc:
+            complete = False
+            log.debug("scan of %s stopped: %s", path, exc)
+        rate = stream.average_rate or stream.guessed_rate
+        timed = True
+        if not pts and untimed:
+            # No timestamps at all: the only clock left is the nominal frame rate.
+            log.info("%s has no timestamps; frame times are frame index / nominal fps", path)
+            tb = 1 / Fraction(rate or 25).limit_denominator(1001)
+            pts = list(range(len(untimed)))
+            keys = [i for i, k in enumerate(untimed) if k]
+            timed = False
+        expected = int(stream.frames or 0)
+        if expected and len(pts) < expected:
+            complete = False
+        if not pts:
+            raise UnsupportedSourceError(
+                f"{path} contains no readable video frames; the file is empty or damaged, re-create or re-download it.",
+                source=path,
+            )
+        pts.sort()
+        keys.sort()
+        if not keys or keys[0] > pts[0]:
+            keys.insert(0, pts[0])  # decoding must start somewhere
+        index = FileIndex(tb, pts, keys, expected, complete, timed)
+        cc = stream.codec_context
+        duration_s: float | None = None
+        if stream.duration:
+            duration_s = float(stream.duration * tb)
+        elif container.duration:
+            duration_s = container.duration / 1_000_000
+        key_gaps = np.diff(np.asarray(index.key_pts, dtype=np.float64)) * float(tb)
+        facts = {
+            "codec": cc.name,
+            "width": int(cc.width),
+            "height": int(cc.height),
+            "fps": float(rate) if rate else None,
+            "duration_s": duration_s,
+            "keyframe_interval_s": float(np.median(key_gaps)) if key_gaps.size else None,
+            "frames": len(pts),
+        }
+        return index, facts
+    finally:
+        container.close()
+
+
+@dataclass(frozen=True)
+class _Want:
+    ticks: int
+    keyframe: bool  # decode with skip_frame=NONKEY (it is a keyframe)
+
+
+def plan_samples(
+    index: FileIndex, fps: float | None, snap: Snap, tolerance_s: float | None
+) -> list[_Want]:
+    """The frames to hand out, in presentation order, each at most once."""
+    if fps is None:
+        return [_Want(p, False) for p in index.pts]
+    period = 1.0 / fps
+    tol = period / 2 if tolerance_s is None else tolerance_s
+    t0 = index.seconds(index.pts[0])
+    t_last = index.seconds(index.pts[-1])
+    n = math.floor((t_last - t0) / period + 1e-9) + 1
+    chosen: dict[int, bool] = {}
+    key_s = [index.seconds(k) for k in index.key_pts]
+    for k in range(n):
+        target = t0 + k * period
+        if snap == "keyframe":
+            j = bisect.bisect_left(key_s, target)
+            best = None
+            for c in (j - 1, j):
+                if 0 <= c < len(key_s) and abs(key_s[c] - target) <= tol + 1e-9 and (
+                    best is None or abs(key_s[c] - target) < abs(key_s[best] - target)
+                ):
+                    best = c
+            if best is not None and index.key_pts[best] not in chosen:
+                chosen[index.key_pts[best]] = True
+                continue
+            # No keyframe near: the earliest frame within tolerance is the cheapest to
+            # decode (fewest frames since the previous keyframe).
+            pos = bisect.bisect_left(index.pts, index.ticks(target - tol))
+            while pos < len(index.pts) and index.pts[pos] in chosen:
+                pos += 1
+            if pos < len(index.pts) and index.seconds(index.pts[pos]) <= target + tol + 1e-9:
+                chosen[index.pts[pos]] = False
+            continue
+        pos = bisect.bisect_left(index.pts, index.ticks(target))
+        if pos < len(index.pts) and index.pts[pos] not in chosen:
+            chosen[index.pts[pos]] = False
+    return [_Want(t, chosen[t]) for t in sorted(chosen)]
+
+
+class FileSource(Source):
+    """Frames sampled from a video file by PTS (see the module docstring).
+
+    Args:
+        path: The video file.
+        fps: Frames per second to sample (None = every frame).
+        snap: "exact" (frame at or just after each sample time) or "keyframe" (nearest
+            keyframe within `tolerance_s`, else the earliest frame within it; decodes far
+            less, at the price of sample times off by up to `tolerance_s`).
+        tolerance_s: Keyframe snap tolerance in seconds (default half the sampling period).
+        camera: Camera name put on frames (default: the file's stem).
+        on_status: Receives "ended" when the file is finished.
+        backend: "pyav" (seek + skip_frame; the fastest measured, see
+            benchmarks/sampling.py), "decord" (`VideoReader.get_batch`; falls back to PyAV
+            when decord cannot open the file) or "auto" (= "pyav").
+        threads: Decoder threads (0 = FFmpeg's choice).
+        thread_type: FFmpeg threading: "AUTO" (frame and slice threads), "FRAME", "SLICE"
+            or "NONE".
+        batch_size: Frames per decord batch (memory holds one batch).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fps: float | None = None,
+        snap: Snap = "exact",
+        tolerance_s: float | None = None,
+        camera: str | None = None,
+        on_status: StatusCallback | None = None,
+        backend: Backend = "auto",
+        threads: int = 0,
+        thread_type: Literal["AUTO", "FRAME", "SLICE", "NONE"] = "AUTO",
+        batch_size: int = 8,
+    ) -> None:
+        p = str(path)
+        super().__init__(p, camera or Path(p).stem, on_status)
+        if fps is not None and not fps > 0:
+            raise ValueError(f"fps must be positive or None, got {fps}")
+        if snap not in ("exact", "keyframe"):
+            raise ValueError(f"snap must be 'exact' or 'keyframe', got {snap!r}")
+        if tolerance_s is not None and tolerance_s < 0:
+            raise ValueError(f"tolerance_s must be >= 0, got {tolerance_s}")
+        if backend not in ("auto", "pyav", "decord"):
+            raise ValueError(f"backend must be 'auto', 'pyav' or 'decord', got {backend!r}")
+        self.path = p
+        self.fps, self.snap, self.tolerance_s = fps, snap, tolerance_s
+        self.threads, self.batch_size = threads, max(1, batch_size)
+        self.thread_type = thread_type
+        self.index, facts = scan_file(p)
+        self._wants = plan_samples(self.index, fps, snap, tolerance_s)
+        self.backend: str = "pyav"
+        self._decord: Any = None
+        if backend == "decord" and self.index.timed:
+            self._decord = self._open_decord()
+            if self._decord is not None:
+                self.backend = "decord"
+        self.info.__dict__.update(facts, backend=self.backend)
+        self._container: Any = None
+        self._iter: Iterator[Frame] | None = None
+        self._closed = False
+        self._lock = threading.RLock()
+        self.last_pts: float | None = None
+
+    # --- public ------------------------------------------------------------------------
+
+    @property
+    def planned(self) -> list[float]:
+        """PTS (seconds) of the frames this source will hand out, in order."""
+        return [self.index.seconds(w.ticks) for w in self._wants]
+
+    def __next__(self) -> Frame:
+        with self._lock:  # close() from another thread waits for this frame, never tears it
+            if self._closed:
+                self._release()
+                raise StopIteration
+            if self._iter is None:
+                if self._decord is not None:
+                    self._iter = self._iter_decord()
+                elif self.index.timed:
+                    self._iter = self._iter_pyav()
+                else:
+                    self._iter = self._iter_untimed()
+            try:
+                frame = next(self._iter)
+            except StopIteration:
+                self._finish()
+                raise
+            self.stats.frames_in += 1
+            self.last_pts = frame.pts
+            return frame
+
+    def close(self) -> None:
+        """Stop and release the decoder. Safe from any thread: when another thread is
+        decoding a frame right now, that thread releases everything on its next call."""
+        self._closed = True
+        if self._lock.acquire(timeout=1.0):
+            try:
+                self._release()
+            finally:
+                self._lock.release()
+
+    def _release(self) -> None:
+        if self._iter is not None and hasattr(self._iter, "close"):
+            self._iter.close()
+        self._iter = None
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+        self._decord = None
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        detail = ""
+        if not self.index.complete:
+            got = self.index.seconds(self.index.pts[-1]) if self.index.pts else 0.0
+            total = f" of {self.info.duration_s:.2f} s" if self.info.duration_s else ""
+            frames = f"{len(self.index.pts)} of {self.index.expected_frames} frames" if self.index.expected_frames else f"{len(self.index.pts)} frames"
+            detail = (
+                f"Video file {self.path} ends early: decoded up to {got:.2f} s{total} "
+                f"({frames}); the file is probably truncated, re-copy or re-record it."
+            )
+            log.warning(detail)
+        self._status.emit("ended", detail)
+        self._closed = True
+        self._release()
+
+    def _frame_index(self, ticks: int) -> int:
+        return bisect.bisect_left(self.index.pts, ticks)
+
+    def _open_decord(self) -> Any:
+        try:
+            import decord
+
+            return decord.VideoReader(self.path, ctx=decord.cpu(0), num_threads=self.threads)
+        except Exception as exc:  # decord raises its own DECORDError / RuntimeError
+            log.info("decord cannot open %s (%s); reading it with PyAV", self.path, exc)
+            return None
+
+    def _iter_decord(self) -> Iterator[Frame]:
+        vr = self._decord
+        n = len(vr)
+        if n == len(self.index.pts):
+            positions = [self._frame_index(w.ticks) for w in self._wants]
+        else:  # decord's own frame list differs: match by its timestamps
+            starts = vr.get_frame_timestamp(list(range(n)))[:, 0]
+            positions = [int(np.searchsorted(starts, self.index.seconds(w.ticks) - 1e-6)) for w in self._wants]
+        for i in range(0, len(positions), self.batch_size):
+            chunk = [min(p, n - 1) for p in positions[i : i + self.batch_size]]
+            images = vr.get_batch(chunk).asnumpy()
+            self.stats.frames_decoded += len(chunk)
+            for j in range(len(chunk)):
+                ticks = self._wants[i + j].ticks
+                yield Frame(self.camera, self._frame_index(ticks), self.index.seconds(ticks),
+                            np.ascontiguousarray(images[j]), None)
+
+    def _iter_untimed(self) -> Iterator[Frame]:
+        """Streams without timestamps: decode in order; the n-th frame is at n / fps."""
+        import av
+
+        container, stream = _open(self.path)
+        self._container = container
+        stream.thread_type = self.thread_type
+        wanted = {w.ticks for w in self._wants}
+        try:
+            n = 0
+            try:
+                for f in container.decode(stream):
+                    self.stats.frames_decoded += 1
+                    if n in wanted:
+                        yield Frame(self.camera, n, self.index.seconds(n), f.to_ndarray(format="rgb24"), None)
+                    n += 1
+            except av.FFmpegError as exc:
+                log.debug("decode error in %s after %d frames: %s", self.path, n, exc)
+        finally:
+            container.close()
+            self._container = None
+
+    def _seek(self, container: Any, stream: Any, kpos: int) -> Iterator[Any]:
+        """Seek to keyframe `kpos` and return the packet iterator from there.
+
+        Seeking is by PTS (FFmpeg's demuxers index presentation times); should a demuxer
+        land after the keyframe, earlier keyframes are tried, down to the start.
+        """
+        for k in range(kpos, -2, -1):
+            target = self.index.key_pts[k] if k >= 0 else self.index.pts[0] - 1
+            container.seek(target, stream=stream, backward=True)
+            packets = container.demux(stream)
+            first = next(packets, None)
+            if first is None:
+                return iter(())
+            if k < 0 or first.pts is None or first.pts <= self.index.key_pts[kpos]:
+                return itertools.chain([first], packets)
+        return iter(())  # pragma: no cover - loop always returns
+
+    def _iter_pyav(self) -> Iterator[Frame]:
+        import av
+
+        container, stream = _open(self.path)
+        self._container = container
+        stream.thread_type = self.thread_type
+        if self.threads:
+            stream.codec_context.thread_count = self.threads
+        cc = stream.codec_context
+        index = self.index
+        wants = self._wants
+        kposes = [index.key_for(w.ticks) for w in wants]
+        pending: deque[Any] = deque()  # decoded frames not handed out yet (presentation order)
+        packets: Iterator[Any] | None = None  # None: the decoder must be re-positioned (seek)
+        fed_key = -1  # position in key_pts of the last keyframe fed to the decoder
+
+        def decode(packet: Any) -> None:
+            try:
+                out = cc.decode(packet)
+            except av.FFmpegError as exc:
+                log.debug("decode error in %s at pts %s: %s", self.path, getattr(packet, "pts", None), exc)
+                return
+            self.stats.frames_decoded += len(out)
+            pending.extend(f for f in out if f.pts is not None)
+
+        try:
+            for i, want in enumerate(wants):
+                kpos = kposes[i]
+                while pending and pending[0].pts < want.ticks:
+                    pending.popleft()
+                if not pending and (packets is None or kpos > fed_key):
+                    packets = self._seek(container, stream, kpos)
+                    fed_key = -1
+                # Drain the decoder right after the wanted packet when the next want lies in
+                # another GOP: frames held back for B-frame reordering and frame threads come
+                # out at once instead of after decoding packets nobody wants.
+                last_in_gop = i + 1 == len(wants) or kposes[i + 1] != kpos or wants[i + 1].keyframe
+                while not pending and packets is not None:
+                    try:
+                        packet = next(packets)
+                    except (StopIteration, av.FFmpegError) as exc:
+                        if not isinstance(exc, StopIteration):
+                            log.debug("demux error in %s: %s", self.path, exc)
+                        decode(None)
+                        packets = None
+                        break
+                    if not packet.size:
+                        decode(None)
+                        packets = None
+                        break
+                    pts = packet.pts
+                    if packet.is_keyframe and pts is not None:
+                        fed_key = max(fed_key, index.key_for(int(pts)))
+                    if want.keyframe and last_in_gop:
+                        cc.skip_frame = "NONKEY"
+                    elif pts is not None and pts < want.ticks:
+                        cc.skip_frame = "NONREF"  # nothing later needs a non-reference frame
+                    else:
+                        cc.skip_frame = "DEFAULT"
+                    decode(packet)
+                    if last_in_gop and pts == want.ticks:
+                        decode(None)
+                        packets = None  # drained: the next want seeks
+                    while pending and pending[0].pts < want.ticks:
+                        pending.popleft()
+                if not pending:
+                    if packets is None and i + 1 < len(wants) and not self.index.complete:
+                        return  # the file ends before this frame (truncated)
+                    log.debug("frame at pts %s of %s could not be decoded", want.ticks, self.path)
+                    continue
+                f = pending.popleft()
+                ticks = int(f.pts)
+                yield Frame(self.camera, self._frame_index(ticks), index.seconds(ticks),
+                            f.to_ndarray(format="rgb24"), None)
+        finally:
+            container.close()
+            self._container = None

@@ -1,0 +1,452 @@
+"""Synthetic video with exact ground truth: moving, labelled, coloured shapes.
+
+`write_scene` draws a small world of shapes (circles and squares in distinct saturated
+colours, some bouncing, one entering, one leaving, a grey pillar that occludes them) with
+numpy, encodes it to H.264 MP4 with PyAV for one or several cameras, and writes the exact
+box of every object in every frame to `ground_truth.json`. Several cameras view the same
+world with their own offset, scale and start time, so an object keeps its `id` across
+cameras (cross-camera tests). Frame times are chosen here and written into the container
+as PTS, so the ground truth's `pts` is exactly what a decoder reads back, also for
+variable frame rate and B-frames.
+
+Ground-truth format (`ground_truth.json`)::
+
+    {"cameras": {name: {"video": str, "width": int, "height": int, "start_s": float,
+                        "fps": float, "vfr": bool,
+                        "frames": [{"index": int, "pts": float,
+                                    "objects": [{"id": int, "label": "red circle",
+                                                 "color": [r, g, b],
+                                                 "xyxy": [x1, y1, x2, y2],
+                                                 "visible": float}]}]}}}
+
+`xyxy` is the tight box of the object's drawn pixels (pixel edges, so a one-pixel object at
+column 3 has x1=3, x2=4), clipped to the frame; `visible` is the fraction of the object's
+full area that is drawn unoccluded inside the frame. Objects are listed only while some part
+of them is inside the frame. Scene time of a frame is `start_s + pts`.
+
+Example:
+    >>> import tempfile
+    >>> scene = write_scene(tempfile.mkdtemp(), cameras=2, duration_s=1.0, width=160, height=96)
+    >>> sorted(scene.cameras)
+    ['cam0', 'cam1']
+    >>> len(scene.ground_truth["cameras"]["cam0"]["frames"])
+    25
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = ["PTS_TIME_BASE", "CameraSpec", "ObjectSpec", "Scene", "replay_records", "write_scene"]
+
+#: Time base of every synthetic video (90 kHz, the MPEG clock): frame times are whole ticks.
+PTS_TIME_BASE = Fraction(1, 90000)
+
+Shape = Literal["circle", "square"]
+
+_PALETTE: list[tuple[str, tuple[int, int, int]]] = [
+    ("red", (230, 30, 30)),
+    ("blue", (30, 70, 235)),
+    ("green", (30, 200, 50)),
+    ("yellow", (240, 220, 20)),
+    ("magenta", (225, 30, 225)),
+    ("cyan", (20, 220, 230)),
+    ("orange", (245, 130, 10)),
+    ("white", (245, 245, 245)),
+]
+_BACKGROUND = (38, 38, 42)
+_OCCLUDER = (128, 128, 128)
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    """One shape in the world (world coordinates are the first camera's pixels at scale 1).
+
+    Attributes:
+        id: Identity, the same in every camera's ground truth.
+        label: What a query would call it, e.g. "red circle".
+        color: RGB drawn colour (keep colours distinct so tests can find each object).
+        shape: "circle" (diameter `size`) or "square" (side `size`), in world pixels.
+        x, y: Top-left corner at scene time 0, world pixels.
+        vx, vy: Velocity in world pixels per second.
+        bounce: Reflect off the world's borders; False lets it leave (or enter) the view.
+        enter_s, leave_s: Scene seconds during which the object exists (`None` = until the end).
+    """
+
+    id: int
+    label: str
+    color: tuple[int, int, int]
+    shape: Shape = "circle"
+    size: float = 40.0
+    x: float = 0.0
+    y: float = 0.0
+    vx: float = 0.0
+    vy: float = 0.0
+    bounce: bool = True
+    enter_s: float = 0.0
+    leave_s: float | None = None
+
+    def box_at(self, t: float, world_w: float, world_h: float) -> tuple[float, float, float, float] | None:
+        """World box `(x1, y1, x2, y2)` at scene time `t`, or None when it does not exist."""
+        if t < self.enter_s or (self.leave_s is not None and t >= self.leave_s):
+            return None
+        x = _move(self.x, self.vx, t, world_w - self.size, self.bounce)
+        y = _move(self.y, self.vy, t, world_h - self.size, self.bounce)
+        return (x, y, x + self.size, y + self.size)
+
+
+def _move(p0: float, v: float, t: float, hi: float, bounce: bool) -> float:
+    p = p0 + v * t
+    if not bounce or hi <= 0:
+        return p
+    period = 2.0 * hi
+    p = math.fmod(p, period)
+    if p < 0:
+        p += period
+    return period - p if p > hi else p
+
+
+@dataclass(frozen=True)
+class CameraSpec:
+    """One camera's view of the world: camera pixel = (world - offset) * scale.
+
+    Attributes:
+        name: Camera name (video file `<name>.mp4`).
+        offset: World point `(x, y)` shown at the camera's top-left pixel.
+        scale: Zoom; 1.2 shows objects 20 % larger (and less of the world).
+        start_s: Scene time of the camera's first frame (its PTS 0).
+        width, height: Frame size in pixels (default: the scene's).
+    """
+
+    name: str
+    offset: tuple[float, float] = (0.0, 0.0)
+    scale: float = 1.0
+    start_s: float = 0.0
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass
+class Scene:
+    """What `write_scene` made.
+
+    Attributes:
+        out_dir: Folder holding the videos and `ground_truth.json`.
+        cameras: Camera name -> video path.
+        ground_truth: The ground-truth dict (the format is in this module's docstring).
+        ground_truth_path: Path of `ground_truth.json`.
+        objects: The world's objects.
+    """
+
+    out_dir: Path
+    cameras: dict[str, Path]
+    ground_truth: dict[str, Any]
+    ground_truth_path: Path
+    objects: list[ObjectSpec] = field(default_factory=list)
+
+
+def default_objects(width: int, height: int, duration_s: float, n: int = 4, seed: int = 0) -> list[ObjectSpec]:
+    """A world of `n` shapes: bouncing ones, one entering from the left part-way through,
+    one leaving through the bottom; speeds scale with the frame size."""
+    rng = np.random.default_rng(seed)
+    out: list[ObjectSpec] = []
+    base = min(width, height)
+    for i in range(n):
+        name, color = _PALETTE[i % len(_PALETTE)]
+        shape: Shape = "circle" if i % 2 == 0 else "square"
+        size = float(base * rng.uniform(0.13, 0.2))
+        speed = base * rng.uniform(0.25, 0.45)
+        ang = rng.uniform(0, 2 * math.pi)
+        vx, vy = speed * math.cos(ang), speed * math.sin(ang)
+        x = float(rng.uniform(0, width - size))
+        y = float(rng.uniform(0, height - size))
+        bounce = True
+        enter_s = 0.0
+        if i == 2:  # enters from the left a third of the way in, crosses, leaves on the right
+            enter_s = duration_s / 3.0
+            vx, vy = width / max(duration_s * 0.5, 1e-3), 0.0
+            x = -size - vx * enter_s
+            y = float(rng.uniform(0, height - size))
+            bounce = False
+        elif i == 3:  # leaves through the bottom
+            vx, vy = 0.0, height / max(duration_s * 0.6, 1e-3)
+            y = float(rng.uniform(0, height * 0.4))
+            bounce = False
+        out.append(ObjectSpec(i, f"{name} {shape}", color, shape, size, x, y, vx, vy, bounce, enter_s))
+    return out
+
+
+def _default_cameras(n: int, width: int, height: int) -> list[CameraSpec]:
+    specs = []
+    for i in range(n):
+        dx = (i % 3) * 0.06 * width
+        dy = ((i // 3) % 3) * 0.05 * height
+        specs.append(CameraSpec(f"cam{i}", offset=(dx, dy), scale=1.0 + 0.1 * (i % 3)))
+    return specs
+
+
+def _frame_ticks(fps: float, duration_s: float, vfr: bool, rng: np.random.Generator) -> list[int]:
+    """Frame PTS in 90 kHz ticks covering `[0, duration_s)`."""
+    period = 1.0 / fps
+    if not vfr:
+        n = max(1, round(duration_s * fps))
+        return [round(k * period * 90000) for k in range(n)]
+    ticks = [0]
+    end = round(duration_s * 90000)
+    while True:
+        step = round(period * float(rng.choice([0.5, 1.0, 1.0, 2.0, 3.0])) * 90000)
+        nxt = ticks[-1] + max(step, 1)
+        if nxt >= end:
+            return ticks
+        ticks.append(nxt)
+
+
+def _raster(shape: Shape, x1: float, y1: float, x2: float, y2: float) -> tuple[int, int, NDArray[np.bool_]]:
+    """Pixel mask of a shape whose bounding box is `(x1, y1, x2, y2)` (camera pixels,
+    unclipped): returns the mask's top-left pixel `(c0, r0)` and the boolean mask."""
+    c0, r0 = math.floor(x1), math.floor(y1)
+    c1, r1 = math.ceil(x2), math.ceil(y2)
+    if shape == "square":
+        xs = np.arange(c0, c1) + 0.5
+        ys = np.arange(r0, r1) + 0.5
+        mask = ((ys >= y1) & (ys < y2))[:, None] & ((xs >= x1) & (xs < x2))[None, :]
+        return c0, r0, mask
+    cx, cy, r = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2
+    xs = (np.arange(c0, c1) + 0.5 - cx) ** 2
+    ys = (np.arange(r0, r1) + 0.5 - cy) ** 2
+    return c0, r0, (ys[:, None] + xs[None, :]) <= r * r
+
+
+def _background(w: int, h: int) -> NDArray[np.uint8]:
+    """A static, mildly textured background (a gradient and a faint grid)."""
+    img = np.empty((h, w, 3), dtype=np.uint8)
+    gx = np.linspace(0, 18, w, dtype=np.float32)[None, :]
+    gy = np.linspace(0, 12, h, dtype=np.float32)[:, None]
+    base = np.asarray(_BACKGROUND, dtype=np.float32)
+    img[:] = np.clip(base[None, None, :] + (gx + gy)[:, :, None], 0, 255).astype(np.uint8)
+    img[::32, :, :] = 60
+    img[:, ::32, :] = 60
+    return img
+
+
+def _texture(w: int, h: int, seed: int) -> NDArray[np.uint8]:
+    """A smooth random texture (blurred noise), for backgrounds that cost real bits."""
+    import cv2
+
+    rng = np.random.default_rng(seed + 1000)
+    small = rng.integers(20, 110, size=(max(2, h // 12), max(2, w // 12), 3), dtype=np.uint8)
+    big = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+    fine = rng.integers(0, 12, size=(h, w, 1), dtype=np.uint8)
+    return np.ascontiguousarray(np.clip(big.astype(np.int16) + fine, 0, 255).astype(np.uint8))
+
+
+def _draw_frame(
+    bg: NDArray[np.uint8], objects: Sequence[ObjectSpec], cam: CameraSpec, t: float,
+    world_w: float, world_h: float, occluder: tuple[float, float] | None,
+) -> tuple[NDArray[np.uint8], list[dict[str, Any]]]:
+    h, w = bg.shape[:2]
+    img = bg.copy()
+    owner = np.full((h, w), -1, dtype=np.int16)
+    placed: list[tuple[ObjectSpec, int, int, NDArray[np.bool_], tuple[int, int, int, int]]] = []
+    dx, dy = cam.offset
+    s = cam.scale
+    for k, obj in enumerate(objects):
+        wb = obj.box_at(t, world_w, world_h)
+        if wb is None:
+            continue
+        x1, y1, x2, y2 = ((wb[0] - dx) * s, (wb[1] - dy) * s, (wb[2] - dx) * s, (wb[3] - dy) * s)
+        c0, r0, mask = _raster(obj.shape, x1, y1, x2, y2)
+        # Clip the mask to the frame.
+        a0, b0 = max(c0, 0), max(r0, 0)
+        a1, b1 = min(c0 + mask.shape[1], w), min(r0 + mask.shape[0], h)
+        if a1 <= a0 or b1 <= b0:
+            continue
+        sub = mask[b0 - r0 : b1 - r0, a0 - c0 : a1 - c0]
+        if not sub.any():
+            continue
+        img[b0:b1, a0:a1][sub] = obj.color
+        owner[b0:b1, a0:a1][sub] = k
+        rows = np.flatnonzero(sub.any(axis=1))
+        cols = np.flatnonzero(sub.any(axis=0))
+        box = (a0 + int(cols[0]), b0 + int(rows[0]), a0 + int(cols[-1]) + 1, b0 + int(rows[-1]) + 1)
+        placed.append((obj, k, int(mask.sum()), sub, box))
+    if occluder is not None:
+        ox1 = max(0, math.floor((occluder[0] - dx) * s))
+        ox2 = min(w, math.ceil((occluder[1] - dx) * s))
+        if ox2 > ox1:
+            img[:, ox1:ox2] = _OCCLUDER
+            owner[:, ox1:ox2] = -2
+    out = []
+    for obj, k, full_area, _sub, box in placed:
+        x1i, y1i, x2i, y2i = box
+        visible = int(np.count_nonzero(owner[y1i:y2i, x1i:x2i] == k))
+        out.append({
+            "id": obj.id, "label": obj.label, "color": list(obj.color),
+            "xyxy": [float(x1i), float(y1i), float(x2i), float(y2i)],
+            "visible": round(visible / max(full_area, 1), 4),
+        })
+    return img, out
+
+
+def write_scene(
+    out_dir: str | Path,
+    *,
+    cameras: int | Sequence[CameraSpec] = 1,
+    width: int = 640,
+    height: int = 360,
+    fps: float = 25.0,
+    duration_s: float = 6.0,
+    gop: int | None = None,
+    bframes: int = 2,
+    vfr: bool = False,
+    seed: int = 0,
+    objects: int | Sequence[ObjectSpec] | None = None,
+    occluder: bool = True,
+    crf: int = 20,
+    preset: str = "ultrafast",
+    faststart: bool = False,
+    background: Literal["static", "panning"] = "static",
+) -> Scene:
+    """Draw and encode a scene; write `<camera>.mp4` per camera and `ground_truth.json`.
+
+    Args:
+        out_dir: Folder to write into (created if needed).
+        cameras: Number of cameras (named `cam0`, `cam1`, … with growing offsets and zoom,
+            all starting at scene time 0) or explicit `CameraSpec`s.
+        width, height: Frame size in pixels (even numbers; H.264 4:2:0 needs them).
+        fps: Nominal frames per second (the mean rate when `vfr`).
+        duration_s: Length of each video in seconds.
+        gop: Keyframe interval in nominal frames (default two seconds' worth): a keyframe
+            is forced at the first frame at or after every `gop / fps` seconds, also with
+            `vfr`; the encoder adds none of its own (no scene cuts).
+        bframes: Consecutive B-frames x264 may use (0 = none); B-frames make decode order
+            differ from presentation order, which tests of PTS handling need.
+        vfr: Variable frame rate: frame intervals vary between 0.5 and 3 nominal periods.
+        seed: Seed for object placement and VFR intervals (same seed, same videos).
+        objects: Number of default objects, or explicit `ObjectSpec`s (default: 4 objects).
+        occluder: Draw a grey pillar in front of the objects (partial occlusions).
+        crf: x264 quality (lower = larger files, truer colours).
+        preset: x264 speed preset; "ultrafast" keeps test setup fast.
+        faststart: Put the MP4 index first (a truncated file then still decodes up to the cut).
+        background: "static" (flat, cheap to encode and decode) or "panning" (a textured
+            background the camera pans over at 60 px/s, so every frame costs real bits
+            like camera footage does; slower to write, used by benchmarks).
+
+    Returns:
+        The `Scene` with video paths and the ground truth.
+    """
+    import av  # local: importing the testing package must stay cheap
+
+    if width % 2 or height % 2:
+        raise ValueError(f"width and height must be even for H.264 4:2:0, got {width}x{height}")
+    if fps <= 0 or duration_s <= 0:
+        raise ValueError(f"fps and duration_s must be positive, got fps={fps}, duration_s={duration_s}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    specs = _default_cameras(cameras, width, height) if isinstance(cameras, int) else list(cameras)
+    if not specs:
+        raise ValueError("cameras must be at least 1")
+    total_s = duration_s + max(c.start_s for c in specs)
+    if objects is None or isinstance(objects, int):
+        objs = default_objects(width, height, total_s, 4 if objects is None else objects, seed)
+    else:
+        objs = list(objects)
+    occ = (0.55 * width, 0.55 * width + max(4.0, 0.05 * width)) if occluder else None
+    gop_frames = gop if gop is not None else max(1, round(2 * fps))
+    rate = Fraction(fps).limit_denominator(1001)
+
+    gt: dict[str, Any] = {"cameras": {}}
+    paths: dict[str, Path] = {}
+    for spec in specs:
+        cw, ch = spec.width or width, spec.height or height
+        path = out / f"{spec.name}.mp4"
+        ticks = _frame_ticks(fps, duration_s, vfr, rng)
+        frames_gt: list[dict[str, Any]] = []
+        bg = _background(cw, ch)
+        pan: NDArray[np.uint8] | None = None
+        if background == "panning":
+            pan = _texture(cw + round(60 * (duration_s + 1)), ch, seed)
+        options = {"movflags": "+faststart"} if faststart else {}
+        with av.open(str(path), "w", options=options) as container:
+            stream = container.add_stream("libx264", rate=rate)
+            stream.width, stream.height, stream.pix_fmt = cw, ch, "yuv420p"
+            stream.time_base = PTS_TIME_BASE
+            stream.codec_context.time_base = PTS_TIME_BASE
+            # Keyframes are forced every `gop_frames / fps` seconds of media time (so VFR
+            # videos keep a time-regular GOP too); x264 adds none of its own.
+            stream.options = {
+                "preset": preset, "crf": str(crf), "forced-idr": "1",
+                "x264-params": f"keyint={10 * gop_frames + 1000}:min-keyint=1:scenecut=0:bframes={bframes}",
+            }
+            gop_ticks = round(gop_frames / fps * 90000)
+            next_key = 0
+            for idx, tick in enumerate(ticks):
+                pts_s = float(tick * PTS_TIME_BASE)
+                if pan is not None:
+                    x0 = round(60 * pts_s)
+                    bg = pan[:, x0 : x0 + cw]
+                img, objs_gt = _draw_frame(bg, objs, spec, spec.start_s + pts_s, width, height, occ)
+                frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p")
+                frame.pts = tick
+                if tick >= next_key:
+                    frame.pict_type = av.video.frame.PictureType.I
+                    next_key += gop_ticks * (1 + (tick - next_key) // gop_ticks)
+                frame.time_base = PTS_TIME_BASE
+                container.mux(stream.encode(frame))
+                frames_gt.append({"index": idx, "pts": pts_s, "objects": objs_gt})
+            container.mux(stream.encode(None))
+        paths[spec.name] = path
+        gt["cameras"][spec.name] = {
+            "video": str(path), "width": cw, "height": ch, "start_s": float(spec.start_s),
+            "fps": float(fps), "vfr": bool(vfr), "frames": frames_gt,
+        }
+    gt_path = out / "ground_truth.json"
+    gt_path.write_text(json.dumps(gt), encoding="utf-8")
+    return Scene(out_dir=out, cameras=paths, ground_truth=gt, ground_truth_path=gt_path, objects=objs)
+
+
+def replay_records(
+    ground_truth: dict[str, Any],
+    *,
+    query: str | None = None,
+    labels: Sequence[str] | None = None,
+    score: float = 0.9,
+    min_visible: float = 0.5,
+) -> list[dict[str, Any]]:
+    """Turn ground truth into replay-engine records, one per camera frame.
+
+    A perfect "model" for tests and the demo: each record holds the boxes of the objects
+    whose label is in `labels` (all objects when None) and that are at least `min_visible`
+    unoccluded (a model cannot see a hidden object either).
+
+    Args:
+        ground_truth: The dict `write_scene` made (or `json.load` of its file).
+        query: The query id or text the records answer; None answers any query.
+        labels: Object labels to include, e.g. ["red circle"].
+        score: Score given to every box.
+        min_visible: Drop objects less visible than this fraction.
+
+    Returns:
+        `[{"camera", "pts", "query", "boxes": [{"xyxy", "score", "label"}]}]`.
+    """
+    wanted = set(labels) if labels is not None else None
+    out: list[dict[str, Any]] = []
+    for cam, info in ground_truth["cameras"].items():
+        for fr in info["frames"]:
+            boxes = [
+                {"xyxy": list(o["xyxy"]), "score": float(score), "label": o["label"]}
+                for o in fr["objects"]
+                if (wanted is None or o["label"] in wanted) and float(o.get("visible", 1.0)) >= min_visible
+            ]
+            out.append({"camera": cam, "pts": float(fr["pts"]), "query": query, "boxes": boxes})
+    return out
