@@ -158,6 +158,9 @@ class EngineConfig(_Model):
     batch_size: int = Field(default=4, ge=1, description="Windows grounded together in one batch.")
     max_new_tokens: int = Field(default=256, ge=1, description="Answer length cap, in tokens.")
     replay_path: str | None = Field(default=None, description="Groundings JSONL for kind 'replay'.")
+    replay_latency_s: float = Field(
+        default=0.0, ge=0, description="Simulated model time per batch for kind 'replay', seconds (capacity drills)."
+    )
     engine_dir: str | None = Field(default=None, description="Built TensorRT engine folder for kind 'gemvg-trt'.")
     base_url: str | None = Field(default=None, description="OpenAI-compatible endpoint for kind 'openai'.")
     api_key: str | None = Field(default=None, description="API key for kind 'openai' (never logged).")

@@ -210,9 +210,13 @@ class Detections:
             raise ValueError(f"{name} must have shape ({n},), got {arr.shape}")
         if arr.size and not np.issubdtype(arr.dtype, np.number) and arr.dtype != np.bool_:
             raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
-        if np.issubdtype(dtype, np.integer) and np.issubdtype(arr.dtype, np.floating):
-            if arr.size and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
-                raise ValueError(f"{name} must hold whole numbers, got {arr[:5].tolist()}…")
+        if (
+            np.issubdtype(dtype, np.integer)
+            and np.issubdtype(arr.dtype, np.floating)
+            and arr.size
+            and not np.all(np.isfinite(arr) & (arr == np.round(arr)))
+        ):
+            raise ValueError(f"{name} must hold whole numbers, got {arr[:5].tolist()}…")
         return np.ascontiguousarray(arr, dtype=dtype)
 
     # --- construction -------------------------------------------------------------

@@ -39,6 +39,9 @@ _COMMAND_MODULES: list[str] = [
     "basic",
     "tail",
     "engine",
+    "probe",
+    "ground",
+    "run",
 ]
 
 for _name in _COMMAND_MODULES:
@@ -69,25 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; user errors print one sentence and exit 2."""
     setup_logging()
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone mode lets click print usage errors its own way (no traceback);
+        # StreamVG's own errors pass through it and become one sentence here.
+        app(args=argv, prog_name="streamvg")
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
     except StreamVGError as exc:
         typer.echo(f"error: {mask_text(str(exc))}", err=True)
         return 2
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
-    except typer.Exit as exc:
-        return int(exc.exit_code or 0)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        return 1
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
     return 0
 
 

@@ -21,7 +21,7 @@ def version(
     """Print StreamVG's version and the versions of the libraries it runs on."""
     import importlib.metadata as md
 
-    info = {"streamvg": __version__}
+    info: dict[str, str | None] = {"streamvg": __version__}
     for dist in ("torch", "transformers", "av", "decord", "opencv-python-headless", "redis", "pydantic", "numpy"):
         try:
             info[dist] = md.version(dist)

@@ -150,7 +150,7 @@ def create_engine(cfg: EngineConfig) -> GroundingEngine:
 
         if not cfg.replay_path:
             raise ConfigError("engine.replay_path is not set; kind 'replay' needs a groundings JSONL file", field="engine.replay_path")
-        return ReplayEngine(cfg.replay_path)
+        return ReplayEngine(cfg.replay_path, latency_s=cfg.replay_latency_s)
     if kind == "gemvg-trt":
         trt = _optional_module("streamvg.grounding.trt", kind)
         engine: GroundingEngine = trt.create_trt_engine(cfg)

@@ -122,9 +122,16 @@ class ReplayEngine:
             wider tolerates resampled timestamps but may take a neighbouring frame's boxes.
     """
 
-    def __init__(self, path: str | Path | Sequence[dict[str, Any]], *, tolerance_s: float = 0.02) -> None:
+    def __init__(
+        self, path: str | Path | Sequence[dict[str, Any]], *, tolerance_s: float = 0.02, latency_s: float = 0.0
+    ) -> None:
         if tolerance_s < 0:
             raise ConfigError(f"tolerance_s must be >= 0, got {tolerance_s}")
+        if latency_s < 0:
+            raise ConfigError(f"latency_s must be >= 0, got {latency_s}")
+        # Simulated model time per batch: lets capacity tests and scale-out drills behave
+        # like a real model (which takes ~0.1-1 s per batch) without one.
+        self.latency_s = latency_s
         if isinstance(path, (str, Path)):
             records = load_replay(path)
             self.name = f"replay:{Path(path).name}"
@@ -166,6 +173,8 @@ class ReplayEngine:
 
     def ground_many(self, requests: Sequence[tuple[Window, Query]]) -> list[Grounding]:
         """One `Grounding` per (window, query), in order."""
+        if self.latency_s and requests:
+            time.sleep(self.latency_s)
         out: list[Grounding] = []
         for window, query in requests:
             t0 = time.perf_counter()
