@@ -11,6 +11,7 @@ StreamVGError                 anything StreamVG raises on purpose (a user-facing
 │   ├── ModelLoadError        a model directory / hub id cannot be loaded (.model)
 │   ├── EngineUnavailableError  the asked engine needs something not installed (TensorRT, GPU)
 │   └── AnswerParseError      a model answer could not be parsed (counted, window skipped)
+├── TrackingError             boxes or times given to a tracker are unusable (also ValueError)
 └── PublishError              events could not be published
     └── RedisAuthError        Redis refused the credentials
 ```
@@ -35,6 +36,7 @@ __all__ = [
     "SourceNotFoundError",
     "SourceTimeoutError",
     "StreamVGError",
+    "TrackingError",
     "UnsupportedSourceError",
 ]
 
@@ -101,6 +103,10 @@ class EngineUnavailableError(GroundingError):
 
 class AnswerParseError(GroundingError):
     """A model answer could not be parsed into boxes."""
+
+
+class TrackingError(StreamVGError, ValueError):
+    """Detections or a time given to a tracker are unusable (NaN boxes, x2 < x1, time going back)."""
 
 
 class PublishError(StreamVGError):

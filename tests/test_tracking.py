@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from streamvg.config import TrackerConfig
+from streamvg.errors import StreamVGError, TrackingError
 from streamvg.tracking import BoxKalman, Tracker, TrackerInputError
 from streamvg.tracking.kalman import xyxy_to_cxcywh
 from streamvg.types import Detections
@@ -238,3 +239,56 @@ def test_kalman_prediction_is_bounded_over_long_gaps() -> None:
     # Uncertainty grows with time, so the gate widens after a gap.
     _, cov_short = kf.predict(mean, cov, 0.5)
     assert cov_long[0, 0, 0] > cov_short[0, 0, 0] > cov[0, 0, 0]
+
+
+def test_kalman_closed_form_matches_the_dense_equations() -> None:
+    # The filter keeps only the 2x2 blocks of the 8x8 covariance; check it against the
+    # textbook matrices: P' = F P Fᵀ + Q, K = P Hᵀ (H P Hᵀ + R)⁻¹, P'' = (I − K H) P.
+    mn, vc, speed, tau = 0.08, 1.0, 1.5, 2.0
+    kf = BoxKalman(measurement_noise=mn, velocity_change=vc, initial_speed=speed, velocity_memory_s=tau)
+    mean, cov = kf.initiate(xyxy_to_cxcywh(np.array([[0, 0, 40, 100], [300, 50, 460, 110]])))
+    dense_mean, dense = mean.copy(), BoxKalman.dense_cov(cov)
+    h = np.hstack([np.eye(4), np.zeros((4, 4))])
+    rng = np.random.default_rng(3)
+    for dt in (0.3, 1.7, 0.04):
+        decay = np.exp(-dt / tau)
+        f = np.eye(8)
+        f[range(4), range(4, 8)] = tau * (1 - decay)
+        f[range(4, 8), range(4, 8)] = decay
+        w, hh = dense_mean[:, 2], dense_mean[:, 3]
+        q = vc**2 * np.stack([w * hh, w * hh, (0.2 * w) ** 2, (0.2 * hh) ** 2], axis=1)
+        block = np.array([[dt**3 / 3, dt**2 / 2], [dt**2 / 2, dt]])
+        qmat = np.stack([np.kron(block, np.diag(qi)) for qi in q])
+        dense_mean = dense_mean @ f.T
+        dense = f @ dense @ f.T + qmat
+        mean, cov = kf.predict(mean, cov, dt)
+        np.testing.assert_allclose(mean, dense_mean, rtol=1e-12)
+        np.testing.assert_allclose(BoxKalman.dense_cov(cov), dense, rtol=1e-12, atol=1e-9)
+
+        z = dense_mean[:, :4] + rng.normal(0, 5, (2, 4))
+        wh = dense_mean[:, 2:4]
+        r = np.stack([np.diag((mn * np.concatenate([wi, wi])) ** 2) for wi in wh])
+        s = h @ dense @ h.T + r
+        k = dense @ h.T @ np.linalg.inv(s)
+        dense_mean = dense_mean + np.einsum("nij,nj->ni", k, z - dense_mean[:, :4])
+        dense = (np.eye(8) - k @ h) @ dense
+        pred, s_diag, spread = kf.innovation(mean, cov)
+        np.testing.assert_allclose(s_diag, np.diagonal(s, axis1=1, axis2=2), rtol=1e-12)
+        np.testing.assert_allclose(spread, np.linalg.slogdet(s)[1] - np.linalg.slogdet(r)[1], rtol=1e-9)
+        np.testing.assert_allclose(
+            kf.mahalanobis(pred, s_diag, z[::-1]),
+            np.einsum("nmi,nij,nmj->nm", z[None, ::-1] - pred[:, None], np.linalg.inv(s), z[None, ::-1] - pred[:, None]),
+            rtol=1e-12,
+        )
+        mean, cov = kf.update(mean, cov, z)
+        np.testing.assert_allclose(mean, dense_mean, rtol=1e-12)
+        np.testing.assert_allclose(BoxKalman.dense_cov(cov), dense, rtol=1e-9, atol=1e-9)
+
+
+def test_tracking_error_is_the_shared_error_class() -> None:
+    assert TrackerInputError is TrackingError
+    assert issubclass(TrackingError, StreamVGError) and issubclass(TrackingError, ValueError)
+    with pytest.raises(TrackingError, match="went back"):
+        trk = Tracker()
+        trk.update(Detections.empty(), 1.0)
+        trk.update(Detections.empty(), 0.5)

@@ -6,6 +6,6 @@ the boxes of confirmed tracks with `track_id` set; `pop_events()` gives the life
 """
 
 from streamvg.tracking.kalman import BoxKalman
-from streamvg.tracking.tracker import Track, Tracker, TrackerInputError, TrackEvent
+from streamvg.tracking.tracker import Track, Tracker, TrackerInputError, TrackEvent, TrackingError
 
-__all__ = ["BoxKalman", "Track", "TrackEvent", "Tracker", "TrackerInputError"]
+__all__ = ["BoxKalman", "Track", "TrackEvent", "Tracker", "TrackerInputError", "TrackingError"]

@@ -1,12 +1,19 @@
 """A Kalman filter for boxes whose motion is driven by elapsed media seconds, batched over tracks.
 
-State per track (8 numbers, pixels and pixels per second):
+State per track, pixels and pixels per second:
 
-    mean = [cx, cy, w, h, vx, vy, vw, vh]        cov = (8, 8)
+    mean = [cx, cy, w, h, vx, vy, vw, vh]                               (N, 8)
+    cov  = [[var cx, var cy, var w, var h],          position variance   (N, 3, 4)
+            [cov(cx, vx), …,        cov(h, vh)],     position–velocity
+            [var vx, var vy, var vw, var vh]]        velocity variance
 
-Everything is batched: `mean (N, 8)`, `cov (N, 8, 8)` for N tracks, so one update costs a
-few numpy calls whatever the number of tracks. Two choices make it hold at 1–2 updates per
-second as well as at 30:
+Every matrix of the model (transition, process noise, measurement, measurement noise) acts on
+each coordinate and its velocity alone, so the 8×8 covariance is four independent 2×2 blocks
+and stays so exactly. Only their three distinct entries are kept (`cov` above; `dense_cov`
+gives the 8×8 matrix), the innovation covariance `S` is diagonal, and predict, gate and update
+are closed-form elementwise formulas: a few numpy calls for all tracks, no matrix inverses.
+
+Two choices make it hold at 1–2 updates per second as well as at 30:
 
 - **Time, not frames.** The transition and the process noise are built from `dt`, the
   seconds since the track's last prediction. Position uncertainty grows like `dt³` from the
@@ -36,7 +43,12 @@ F64 = NDArray[np.float64]
 
 # Box size changes this fraction as fast as position (sizes change slowly compared to motion).
 _SIZE_NOISE_RATIO = 0.2
-_EYE4 = np.eye(4)
+# Squared motion scale relative to `_motion_sizes2` for cx, cy, w, h.
+_MOTION_RATIO2 = np.array([1.0, 1.0, _SIZE_NOISE_RATIO**2, _SIZE_NOISE_RATIO**2])
+# Column picks (`take` is the cheapest gather on small arrays).
+_WHWH = np.array([0, 1, 0, 1])
+_WWWH, _HHWH = np.array([0, 0, 0, 1]), np.array([1, 1, 0, 1])  # w·h, w·h, w·w, h·h
+_KP_KP_KV, _P_PV_PV = np.array([0, 0, 1]), np.array([0, 1, 1])
 
 
 def xyxy_to_cxcywh(xyxy: NDArray[np.floating]) -> F64:
@@ -75,32 +87,21 @@ class BoxKalman:
         self.initial_speed = float(initial_speed)
         self.velocity_memory_s = float(velocity_memory_s)
 
-    # --- helpers --------------------------------------------------------------------
+    # --- noise ----------------------------------------------------------------------
 
-    def _scales(self, boxes: F64) -> tuple[F64, F64]:
-        """Per-track `(N, 4)` measurement std and `(N, 4)` motion scale from `[cx, cy, w, h]`."""
+    def measurement_var(self, boxes: F64) -> F64:
+        """`(N, 4)` measurement variances (the diagonal of R) for boxes `[cx, cy, w, h]`."""
+        std = np.maximum(boxes[:, 2:4], 1.0).take(_WHWH, axis=1) * self.measurement_noise
+        return std * std
+
+    def _motion_sizes2(self, boxes: F64) -> F64:
+        """`(N, 4)` squared motion size of boxes `[cx, cy, w, h]`, before `_MOTION_RATIO2`.
+
+        Centres move in box sizes `sqrt(w · h)`, so their square is the box area; sizes change
+        in their own side (`w`, `h`), `_SIZE_NOISE_RATIO` as fast.
+        """
         wh = np.maximum(boxes[:, 2:4], 1.0)
-        meas = np.empty((len(boxes), 4))
-        meas[:, :2] = wh
-        meas[:, 2:] = wh
-        meas *= self.measurement_noise
-        motion = np.empty((len(boxes), 4))
-        motion[:, :2] = np.sqrt(wh[:, :1] * wh[:, 1:])
-        motion[:, 2:] = _SIZE_NOISE_RATIO * wh
-        return meas, motion
-
-    def measurement_cov(self, boxes: F64) -> F64:
-        """`(N, 4, 4)` measurement covariance for boxes `[cx, cy, w, h]`."""
-        meas, _ = self._scales(boxes)
-        out = np.zeros((len(boxes), 4, 4))
-        idx = np.arange(4)
-        out[:, idx, idx] = meas**2
-        return out
-
-    def measurement_logdet(self, boxes: F64) -> F64:
-        """`(N,)` log-determinant of the measurement covariance (the floor of `log det S`)."""
-        wh = np.maximum(boxes[:, 2:4], 1.0) * self.measurement_noise
-        return np.asarray(4.0 * np.log(wh).sum(axis=1))
+        return wh.take(_WWWH, axis=1) * wh.take(_HHWH, axis=1)
 
     # --- filter ---------------------------------------------------------------------
 
@@ -109,57 +110,69 @@ class BoxKalman:
         n = len(boxes)
         mean = np.zeros((n, 8))
         mean[:, :4] = boxes
-        meas, motion = self._scales(boxes)
-        var = np.concatenate([meas**2, (self.initial_speed * motion) ** 2], axis=1)
-        cov = np.zeros((n, 8, 8))
-        idx = np.arange(8)
-        cov[:, idx, idx] = var
+        cov = np.zeros((n, 3, 4))
+        cov[:, 0] = self.measurement_var(boxes)
+        cov[:, 2] = self._motion_sizes2(boxes) * (self.initial_speed**2 * _MOTION_RATIO2)
         return mean, cov
 
     def predict(self, mean: F64, cov: F64, dt: float) -> tuple[F64, F64]:
         """Advance every track by `dt` seconds; returns new `(mean, cov)`."""
-        n = len(mean)
-        if n == 0 or dt <= 0:
+        if len(mean) == 0 or dt <= 0:
             return mean, cov
         tau = self.velocity_memory_s
         decay = math.exp(-dt / tau)
         gain = tau * (1.0 - decay)  # ≈ dt for dt ≪ tau, ≤ tau always
-        f = np.eye(8)
-        idx = np.arange(4)
-        f[idx, idx + 4] = gain
-        f[idx + 4, idx + 4] = decay
-        _, motion = self._scales(mean[:, :4])
-        q = (self.velocity_change * motion) ** 2  # (N, 4) velocity variance per second
-        # Q = B(dt) ⊗ diag(q): white-noise acceleration, integrated over dt seconds.
-        b = np.array([[dt**3 / 3.0, dt**2 / 2.0], [dt**2 / 2.0, dt]])
-        pattern = (b[:, None, :, None] * _EYE4[None, :, None, :])[None]  # (1, 2, 4, 2, 4)
-        qmat = (pattern * q[:, None, :, None, None]).reshape(n, 8, 8)
-        return mean @ f.T, f @ cov @ f.T + qmat
+        # Each coordinate and its velocity: [p, v]' = F [p, v] with F = [[1, gain], [0, decay]],
+        # and P' = F P Fᵀ + Q per 2×2 block, written on the rows (var p, cov pv, var v) of
+        # `cov`. Q = q · [[dt³/3, dt²/2], [dt²/2, dt]] is white-noise acceleration of
+        # variance q per second, integrated over dt.
+        f = np.array([[1.0, gain], [0.0, decay]])
+        f_cov = np.array([[1.0, 2.0 * gain, gain * gain], [0.0, decay, decay * gain], [0.0, 0.0, decay * decay]])
+        q_shape = np.array([[dt**3 / 3.0], [dt**2 / 2.0], [dt]]) * (self.velocity_change**2 * _MOTION_RATIO2)
+        q = q_shape * self._motion_sizes2(mean[:, :4])[:, None, :]
+        return (f @ mean.reshape(-1, 2, 4)).reshape(-1, 8), f_cov @ cov + q
 
-    def innovation(self, mean: F64, cov: F64) -> tuple[F64, F64]:
-        """Predicted boxes `(N, 4)` and innovation covariance `S (N, 4, 4)`."""
-        return mean[:, :4], cov[:, :4, :4] + self.measurement_cov(mean[:, :4])
+    def innovation(self, mean: F64, cov: F64) -> tuple[F64, F64, F64]:
+        """Predicted boxes `(N, 4)`, innovation variances `(N, 4)` (S is diagonal) and `spread (N,)`.
 
-    def update(self, mean: F64, cov: F64, boxes: F64) -> tuple[F64, F64]:
-        """Correct tracks `(N,)` with their matched boxes `(N, 4)` `[cx, cy, w, h]`."""
+        `spread = log det S − log det R`: how much less sure the prediction is than a box
+        (0 for a perfectly known track; grows with the time the track went unseen).
+        """
+        boxes = mean[:, :4]
+        r = self.measurement_var(boxes)
+        s = cov[:, 0] + r
+        return boxes, s, np.log(s / r).sum(axis=1)
+
+    def update(self, mean: F64, cov: F64, boxes: F64, s: F64 | None = None) -> tuple[F64, F64]:
+        """Correct tracks `(N,)` with their matched boxes `(N, 4)` `[cx, cy, w, h]`.
+
+        `s` is their innovation variances from `innovation`, when already computed.
+        """
         if len(mean) == 0:
             return mean, cov
-        pred, s = self.innovation(mean, cov)
-        pht = cov[:, :, :4]  # P Hᵀ, (N, 8, 4)
-        gain = np.linalg.solve(s, pht.transpose(0, 2, 1)).transpose(0, 2, 1)  # K = P Hᵀ S⁻¹
-        mean = mean + np.einsum("nij,nj->ni", gain, boxes - pred)
-        cov = cov - gain @ pht.transpose(0, 2, 1)
-        cov = 0.5 * (cov + cov.transpose(0, 2, 1))
+        if s is None:
+            s = self.innovation(mean, cov)[1]
+        gain = cov[:, :2] / s[:, None, :]  # K = P Hᵀ S⁻¹: rows (position, velocity), (N, 2, 4)
+        residual = (boxes - mean[:, :4])[:, None, :]
+        mean = mean + (gain * residual).reshape(-1, 8)
+        # P' = P − K H P: var p −= Kp · var p, cov pv −= Kp · cov pv, var v −= Kv · cov pv.
+        cov = cov - gain.take(_KP_KP_KV, axis=1) * cov.take(_P_PV_PV, axis=1)
         return mean, cov
 
-    def mahalanobis(self, mean: F64, cov: F64, boxes: F64) -> tuple[F64, F64]:
-        """Squared Mahalanobis distances `(N, M)` of boxes `(M, 4)` to N tracks, and `log det S (N,)`.
+    def mahalanobis(self, pred: F64, s: F64, boxes: F64) -> F64:
+        """Squared Mahalanobis distances `(N, M)` of boxes `(M, 4)` to N predictions.
 
-        Only centre and size are compared (4 degrees of freedom).
+        `pred, s` come from `innovation`. Only centre and size are compared (4 degrees of freedom).
         """
-        pred, s = self.innovation(mean, cov)
-        s_inv = np.linalg.inv(s)
         diff = boxes[None, :, :] - pred[:, None, :]  # (N, M, 4)
-        d2 = np.einsum("nmi,nij,nmj->nm", diff, s_inv, diff)
-        _, logdet = np.linalg.slogdet(s)
-        return d2, logdet
+        return np.asarray(((diff * diff) @ (1.0 / s)[:, :, None])[:, :, 0])
+
+    @staticmethod
+    def dense_cov(cov: F64) -> F64:
+        """The full `(N, 8, 8)` covariance over `[cx, cy, w, h, vx, vy, vw, vh]` from `cov (N, 3, 4)`."""
+        out = np.zeros((len(cov), 8, 8))
+        i = np.arange(4)
+        out[:, i, i], out[:, i, i + 4], out[:, i + 4, i], out[:, i + 4, i + 4] = (
+            cov[:, 0], cov[:, 1], cov[:, 1], cov[:, 2]
+        )
+        return out

@@ -35,11 +35,11 @@ from numpy.typing import NDArray
 from scipy.optimize import linear_sum_assignment
 
 from streamvg.config import TrackerConfig
-from streamvg.errors import StreamVGError
+from streamvg.errors import TrackingError
 from streamvg.tracking.kalman import BoxKalman, xyxy_to_cxcywh
 from streamvg.types import Detections
 
-__all__ = ["Track", "TrackEvent", "Tracker", "TrackerInputError"]
+__all__ = ["Track", "TrackEvent", "Tracker", "TrackerInputError", "TrackingError"]
 
 TrackEventKind = Literal["started", "updated", "lost", "ended"]
 TrackState = Literal["tentative", "tracked", "lost"]
@@ -50,8 +50,7 @@ _FORBIDDEN = 1e9
 _TENTATIVE_MISSES = 1  # missed updates a tentative track survives
 
 
-class TrackerInputError(StreamVGError, ValueError):
-    """Detections or a time given to the tracker are unusable (NaN boxes, x2 < x1, time going back)."""
+TrackerInputError = TrackingError  # the name this module raised before `streamvg.errors` had it
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,28 +99,34 @@ class Track:
     hits: int
 
 
-def _iou(a: NDArray[Any], b: NDArray[Any]) -> F64:
-    """`(len(a), len(b))` IoU of xyxy boxes."""
+def _iou(a: F64, b: F64) -> F64:
+    """`(len(a), len(b))` IoU of xyxy boxes (each with x2 ≥ x1 and y2 ≥ y1)."""
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
-    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.asarray(np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0), dtype=np.float64)
+    wh = np.minimum(a[:, None, 2:], b[None, :, 2:]) - lt
+    np.maximum(wh, 0.0, out=wh)
+    inter = wh[:, :, 0] * wh[:, :, 1]
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter  # 0 only when both boxes are empty
+    return np.asarray(inter / np.maximum(union, 1e-12))
 
 
-def _assign(cost: F64, allowed: NDArray[np.bool_], rows: I64, cols: I64) -> tuple[I64, I64, I64, I64]:
+def _assign(gated: F64, allowed: NDArray[np.bool_], rows: I64, cols: I64) -> tuple[I64, I64, I64, I64]:
     """Optimal assignment of tracks `rows` to boxes `cols` within the gate.
 
-    Returns matched rows, their matched cols, the free rows and the free cols.
+    `gated` is the cost with `_FORBIDDEN` outside the gate `allowed`. Returns matched rows,
+    their matched cols, the free rows and the free cols.
     """
     if len(rows) == 0 or len(cols) == 0:
         return rows[:0], cols[:0], rows, cols
-    ok = allowed[np.ix_(rows, cols)]
+    ok = allowed.take(rows, axis=0).take(cols, axis=1)
     if not ok.any():
         return rows[:0], cols[:0], rows, cols
-    r, k = linear_sum_assignment(np.where(ok, cost[np.ix_(rows, cols)], _FORBIDDEN))
+    sub = gated.take(rows, axis=0).take(cols, axis=1)
+    if sub.shape[0] == 1 or sub.shape[1] == 1:  # one track or one box: the cheapest pair
+        r, k = np.unravel_index([int(sub.argmin())], sub.shape)
+    else:
+        r, k = linear_sum_assignment(sub)
     keep = ok[r, k]
     r, k = r[keep], k[keep]
     free_r = np.ones(len(rows), bool)
@@ -132,7 +137,7 @@ def _assign(cost: F64, allowed: NDArray[np.bool_], rows: I64, cols: I64) -> tupl
 
 
 def _cxcywh_to_xyxy(b: F64) -> F64:
-    half = np.maximum(b[:, 2:4], 0.0) / 2
+    half = np.maximum(b[:, 2:4], 0.0) * 0.5
     return np.concatenate([b[:, :2] - half, b[:, :2] + half], axis=1)
 
 
@@ -181,7 +186,7 @@ class Tracker:
     def reset(self) -> None:
         """Forget every track and event and restart ids at 0 (a new video or scene)."""
         self._mean: F64 = np.zeros((0, 8))
-        self._cov: F64 = np.zeros((0, 8, 8))
+        self._cov: F64 = np.zeros((0, 3, 4))  # see kalman.BoxKalman
         self._id: I64 = np.zeros(0, np.int64)  # -1 = tentative
         self._hits: I64 = np.zeros(0, np.int64)
         self._first_t: F64 = np.zeros(0)
@@ -236,7 +241,7 @@ class Tracker:
             tracks and unmatched boxes are left out.
 
         Raises:
-            TrackerInputError: `detections` is not `Detections`, a box is NaN/inf or has
+            TrackingError: `detections` is not `Detections`, a box is NaN/inf or has
                 x2 < x1 / y2 < y1, rows span several frames, or `t` is not finite or goes back.
         """
         t = self._check_time(t)
@@ -247,24 +252,22 @@ class Tracker:
 
         c = self.config
         score = dets.score.astype(np.float64)
-        high = np.flatnonzero(score >= c.high_score)
-        low = np.flatnonzero((score >= c.low_score) & (score < c.high_score))
+        high = (score >= c.high_score).nonzero()[0]
+        low = ((score >= c.low_score) & (score < c.high_score)).nonzero()[0]
         z = xyxy_to_cxcywh(dets.xyxy)
-        cost, allowed = self._costs(z, dets.xyxy)
+        gated, allowed, s = self._costs(z, dets.xyxy)
 
-        confirmed = np.flatnonzero(self._id >= 0)
-        tentative = np.flatnonzero(self._id < 0)
-        tr1, de1, free_tr, free_high = _assign(cost, allowed, confirmed, high)
-        tr2, de2, _, _ = _assign(cost, allowed, free_tr, low)
-        tr3, de3, _, new = _assign(cost, allowed, tentative, free_high)
-        rows = np.concatenate([tr1, tr2, tr3]).astype(np.int64)
-        cols = np.concatenate([de1, de2, de3]).astype(np.int64)
+        confirmed = (self._id >= 0).nonzero()[0]
+        tentative = (self._id < 0).nonzero()[0]
+        tr1, de1, free_tr, free_high = _assign(gated, allowed, confirmed, high)
+        tr2, de2, _, _ = _assign(gated, allowed, free_tr, low)
+        tr3, de3, _, new = _assign(gated, allowed, tentative, free_high)
+        rows = np.concatenate([tr1, tr2, tr3])
+        cols = np.concatenate([de1, de2, de3])
 
-        self._apply_matches(rows, cols, z, dets, t)
+        self._apply_matches(rows, cols, z, s, dets, t)
         new_rows = self._spawn(new, z, dets, t)
-        out_rows, out_ids = self._lifecycle(
-            np.concatenate([rows, new_rows]), np.concatenate([cols, new]).astype(np.int64), dets, t
-        )
+        out_rows, out_ids = self._lifecycle(np.concatenate([rows, new_rows]), np.concatenate([cols, new]), dets, t)
 
         order = np.argsort(out_rows, kind="stable")
         idx = out_rows[order]
@@ -283,7 +286,7 @@ class Tracker:
         dets = self._check_detections(detections, one_frame=False)
         times = [float(x) for x in times]
         if len(dets) and (dets.image_index.min() < 0 or dets.image_index.max() >= len(times)):
-            raise TrackerInputError(
+            raise TrackingError(
                 f"detections.image_index must lie in [0, {len(times) - 1}] for a window of "
                 f"{len(times)} times, got {sorted(set(dets.image_index.tolist()))}; give one time per frame"
             )
@@ -303,11 +306,11 @@ class Tracker:
         try:
             t = float(t)
         except (TypeError, ValueError):
-            raise TrackerInputError(f"tracker time t must be a number of media seconds, got {t!r}") from None
+            raise TrackingError(f"tracker time t must be a number of media seconds, got {t!r}") from None
         if not math.isfinite(t):
-            raise TrackerInputError(f"tracker time t must be finite media seconds, got {t}")
+            raise TrackingError(f"tracker time t must be finite media seconds, got {t}")
         if self._t is not None and t < self._t:
-            raise TrackerInputError(
+            raise TrackingError(
                 f"tracker time went back from {self._t:.3f}s to {t:.3f}s; feed frames in time "
                 "order, or call reset()/use a new Tracker when the clock restarts"
             )
@@ -315,38 +318,41 @@ class Tracker:
 
     def _check_detections(self, detections: Detections, *, one_frame: bool = True) -> Detections:
         if not isinstance(detections, Detections):
-            raise TrackerInputError(
+            raise TrackingError(
                 f"tracker input must be streamvg.types.Detections, got {type(detections).__name__}"
             )
         try:
             detections.validate_boxes("tracker input")
         except ValueError as exc:
-            raise TrackerInputError(str(exc)) from None
+            raise TrackingError(str(exc)) from None
         if one_frame and len(detections) and detections.image_index.min() != detections.image_index.max():
-            raise TrackerInputError(
+            raise TrackingError(
                 "tracker input spans several frames (image_index "
                 f"{sorted(set(detections.image_index.tolist()))}); use update_window(detections, times)"
             )
         return detections
 
-    def _costs(self, z: F64, det_xyxy: NDArray[np.float32]) -> tuple[F64, NDArray[np.bool_]]:
-        """Association cost and gate `(tracks, boxes)` for every track against every box."""
-        n, m = len(self._id), len(z)
+    def _costs(self, z: F64, det_xyxy: NDArray[np.float32]) -> tuple[F64, NDArray[np.bool_], F64]:
+        """Association cost and gate `(tracks, boxes)`, and the innovation variances `(tracks, 4)`.
+
+        The cost is `_FORBIDDEN` outside the gate.
+        """
+        pred, s, spread = self._kf.innovation(self._mean, self._cov)
+        n, m = len(pred), len(z)
         if n == 0 or m == 0:
-            return np.zeros((n, m)), np.zeros((n, m), bool)
-        d2, logdet = self._kf.mahalanobis(self._mean, self._cov, z)
-        iou = _iou(_cxcywh_to_xyxy(self._mean[:, :4]), det_xyxy.astype(np.float64))
+            return np.zeros((n, m)), np.zeros((n, m), bool), s
+        d2 = self._kf.mahalanobis(pred, s, z)
+        iou = _iou(_cxcywh_to_xyxy(pred), det_xyxy.astype(np.float64))
         allowed = (d2 <= self._gate_d2) | (iou >= self.config.min_iou)
         # Negative log-likelihood of the box under the prediction (relative to a perfectly
         # known track), minus an IoU bonus: sure, close, overlapping tracks win ties.
-        spread = logdet - self._kf.measurement_logdet(self._mean[:, :4])
         cost = d2 + spread[:, None] - self.config.iou_weight * iou
-        return cost, allowed
+        return np.where(allowed, cost, _FORBIDDEN), allowed, s
 
-    def _apply_matches(self, rows: I64, cols: I64, z: F64, dets: Detections, t: float) -> None:
+    def _apply_matches(self, rows: I64, cols: I64, z: F64, s: F64, dets: Detections, t: float) -> None:
         if len(rows) == 0:
             return
-        self._mean[rows], self._cov[rows] = self._kf.update(self._mean[rows], self._cov[rows], z[cols])
+        self._mean[rows], self._cov[rows] = self._kf.update(self._mean[rows], self._cov[rows], z[cols], s[rows])
         self._hits[rows] += 1
         self._last_t[rows] = t
         self._score[rows] = dets.score[cols]
@@ -364,7 +370,7 @@ class Tracker:
         report = self._id[rows] >= 0
         out_rows, out_ids = cols[report], self._id[rows[report]]
         self._lost[rows[report]] = False
-        kinds = np.where(confirm[report], "started", "updated").tolist()
+        kinds: list[TrackEventKind] = ["started" if new else "updated" for new in confirm[report].tolist()]
         self._events.extend(
             TrackEvent(kind, tid, t, box, sc)
             for kind, tid, box, sc in zip(
@@ -372,7 +378,7 @@ class Tracker:
             )
         )
         newly_lost = ~matched & (self._id >= 0) & ~self._lost
-        for r in np.flatnonzero(newly_lost).tolist():
+        for r in newly_lost.nonzero()[0].tolist():
             self._lost[r] = True
             self._events.append(TrackEvent(
                 "lost", int(self._id[r]), t, self._box[r].astype(np.float32), float(self._score[r])
@@ -383,12 +389,12 @@ class Tracker:
         # widens with time, and a stray box far away must not confirm it.
         gone = ~matched & (((self._id < 0) & (self._misses > _TENTATIVE_MISSES)) | (t - self._last_t > c.max_lost_s))
         self._end(gone)
-        return out_rows, out_ids.astype(np.int64)
+        return out_rows, out_ids
 
     def _end(self, gone: NDArray[np.bool_]) -> None:
         if not gone.any():
             return
-        for r in np.flatnonzero(gone & (self._id >= 0)).tolist():
+        for r in (gone & (self._id >= 0)).nonzero()[0].tolist():
             self._events.append(TrackEvent(
                 "ended", int(self._id[r]), float(self._last_t[r]), self._box[r].astype(np.float32),
                 float(self._score[r]),
