@@ -292,3 +292,20 @@ def test_tracking_error_is_the_shared_error_class() -> None:
         trk = Tracker()
         trk.update(Detections.empty(), 1.0)
         trk.update(Detections.empty(), 0.5)
+
+
+def test_object_bouncing_off_the_frame_edge_keeps_its_id() -> None:
+    """Boxes clipped by the bottom edge shrink, then the object turns back: the motion
+    prediction overshoots, and overlap with where it was last seen re-finds it."""
+    boxes = [
+        (1.8, [283, 131, 317, 165]), (2.0, [291, 143, 320, 177]), (2.2, [295, 156, 320, 190]),
+        (2.4, [287, 168, 320, 192]), (2.6, [279, 174, 313, 192]), (2.8, [272, 162, 305, 192]),
+        (3.0, [264, 150, 298, 184]), (3.2, [256, 137, 290, 171]),
+    ]
+    tracker = Tracker()
+    ids = []
+    for t, b in boxes:
+        out = tracker.update(Detections(xyxy=np.array([b], dtype=np.float32), score=np.array([0.9])), t)
+        ids.extend(out.track_id.tolist())
+    assert len(ids) == len(boxes) - 1  # all but the first (confirmation) are reported
+    assert set(ids) == {ids[0]}

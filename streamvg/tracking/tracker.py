@@ -260,10 +260,13 @@ class Tracker:
         confirmed = (self._id >= 0).nonzero()[0]
         tentative = (self._id < 0).nonzero()[0]
         tr1, de1, free_tr, free_high = _assign(gated, allowed, confirmed, high)
-        tr2, de2, _, _ = _assign(gated, allowed, free_tr, low)
+        tr2, de2, free_tr, _ = _assign(gated, allowed, free_tr, low)
+        # Recovery: a confirmed track the prediction missed (a bounce off the frame edge,
+        # a sudden stop) is re-found by a confident box overlapping where it was last seen.
+        tr_r, de_r, free_high = self._recover(free_tr, free_high, dets)
         tr3, de3, _, new = _assign(gated, allowed, tentative, free_high)
-        rows = np.concatenate([tr1, tr2, tr3])
-        cols = np.concatenate([de1, de2, de3])
+        rows = np.concatenate([tr1, tr2, tr_r, tr3])
+        cols = np.concatenate([de1, de2, de_r, de3])
 
         self._apply_matches(rows, cols, z, s, dets, t)
         new_rows = self._spawn(new, z, dets, t)
@@ -272,6 +275,20 @@ class Tracker:
         order = np.argsort(out_rows, kind="stable")
         idx = out_rows[order]
         return Detections(dets.xyxy[idx], dets.score[idx], dets.image_index[idx], out_ids[order])
+
+    def _recover(self, tracks: I64, boxes: I64, dets: Detections) -> tuple[I64, I64, I64]:
+        """Match left-over confirmed tracks seen at the previous update to left-over
+        confident boxes by overlap with the track's last box (≥ `recover_iou`); returns
+        (tracks, boxes, boxes still free)."""
+        # Only tracks seen at the previous update: the prediction just failed (a bounce),
+        # not an object that was gone and whose place a newcomer now takes.
+        tracks = tracks[self._misses.take(tracks) == 0]
+        if len(tracks) == 0 or len(boxes) == 0 or self.config.recover_iou >= 1.0:
+            return tracks[:0], boxes[:0], boxes
+        iou_last = _iou(self._box, dets.xyxy.astype(np.float64))
+        allowed = iou_last >= self.config.recover_iou
+        rows, cols, _, free = _assign(np.where(allowed, -iou_last, _FORBIDDEN), allowed, tracks, boxes)
+        return rows, cols, free
 
     def update_window(self, detections: Detections, times: Sequence[float]) -> Detections:
         """Feed a window's detections frame by frame, in time order.
