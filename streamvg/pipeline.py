@@ -182,7 +182,8 @@ class WindowQueue:
                 self._cond.wait(left)
             if len(self._items) < max_items and wait_s > 0:
                 fill_deadline = time.monotonic() + wait_s
-                while len(self._items) < max_items:
+                while len(self._items) < max_items and not self.closed:
+                    # Once every camera has ended nothing more will come: no waiting.
                     left = fill_deadline - time.monotonic()
                     if left <= 0:
                         break

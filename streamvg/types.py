@@ -186,7 +186,17 @@ class Detections:
     track_id: NDArray[np.int64] = field(default=None)  # type: ignore[assignment,arg-type]
 
     def __post_init__(self) -> None:
-        xyxy = np.asarray(self.xyxy)
+        xyxy = self.xyxy
+        if type(xyxy) is np.ndarray and xyxy.dtype == np.float32 and xyxy.ndim == 2 and xyxy.shape[1] == 4:
+            # Fast path: columns sliced from another Detections are already well-typed;
+            # this is every stage's hot path (no dtype lattice walks).
+            n = xyxy.shape[0]
+            self.xyxy = xyxy if xyxy.flags.c_contiguous else np.ascontiguousarray(xyxy)
+            self.score = self._column("score", self.score, n, np.float32, 1.0)
+            self.image_index = self._column("image_index", self.image_index, n, np.int64, 0)
+            self.track_id = self._column("track_id", self.track_id, n, np.int64, -1)
+            return
+        xyxy = np.asarray(xyxy)
         if xyxy.size == 0 and xyxy.ndim != 2:
             xyxy = xyxy.reshape(0, 4)
         if xyxy.ndim != 2 or xyxy.shape[1] != 4:
@@ -203,6 +213,8 @@ class Detections:
     def _column(name: str, value: Any, n: int, dtype: type, default: float) -> NDArray[Any]:
         if value is None:
             return np.full(n, default, dtype=dtype)
+        if type(value) is np.ndarray and value.dtype == dtype and value.shape == (n,):
+            return value if value.flags.c_contiguous else np.ascontiguousarray(value)
         arr = np.asarray(value)
         if arr.ndim == 0:
             raise ValueError(f"{name} must have shape ({n},), got a scalar")
