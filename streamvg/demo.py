@@ -101,7 +101,7 @@ def run_demo(
     answers = out / "answers.jsonl"
     with answers.open("w", encoding="utf-8") as fh:
         for q, label in zip(queries, chosen, strict=True):
-            for rec in replay_records(gt, query=q.id, labels=[label]):
+            for rec in replay_records(gt, query=q.text, labels=[label]):
                 fh.write(json.dumps(rec) + "\n")
     sinks = SinksConfig(
         redis=RedisSinkConfig(url=redis_url, spool_dir=str(out / "spool")) if redis_ok else None,
