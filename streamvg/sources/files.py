@@ -196,6 +196,14 @@ def scan_file(path: str) -> tuple[FileIndex, dict[str, Any]]:
         container.close()
 
 
+ThreadType = Literal["AUTO", "FRAME", "SLICE", "NONE"]
+
+# Decoding runs (between two seeks) that span at least this many frames, or hand out at
+# least this many, use frame threads (see `choose_thread_type`).
+LONG_DECODE_RUN = 64
+DENSE_WANTS_PER_RUN = 4
+
+
 @dataclass(frozen=True)
 class _Want:
     ticks: int
@@ -242,6 +250,30 @@ def plan_samples(
     return [_Want(t, chosen[t]) for t in sorted(chosen)]
 
 
+def choose_thread_type(index: FileIndex, wants: list[_Want]) -> ThreadType:
+    """FFmpeg threading for this plan: frame threads for long decoding runs, else slices.
+
+    Frame threads decode several frames at once but hold back about one frame per thread,
+    and every seek drains and refills them; slice threads split one frame and add no delay.
+    Sparse sampling (a few frames per GOP) seeks every GOP and decodes a few reference
+    frames each time: there slice threads measured x1.2 faster on sliced x264 output and
+    within 10% on single-slice files. Dense sampling (many frames per GOP) or long GOPs
+    gained up to x1.5 from frame threads (benchmarks/sampling.py, the shared clips).
+    """
+    if not wants:
+        return "AUTO"
+    last_in_gop: dict[int, int] = {}  # keyframe position -> last wanted tick in its GOP
+    for w in wants:
+        last_in_gop[index.key_for(w.ticks)] = w.ticks
+    spanned = 0
+    for kpos, last in last_in_gop.items():
+        start = index.key_pts[kpos] if index.key_pts else index.pts[0]
+        spanned += bisect.bisect_right(index.pts, last) - bisect.bisect_left(index.pts, start)
+    runs = len(last_in_gop)
+    dense = len(wants) / runs >= DENSE_WANTS_PER_RUN
+    return "AUTO" if dense or spanned / runs >= LONG_DECODE_RUN else "SLICE"
+
+
 class FileSource(Source):
     """Frames sampled from a video file by PTS (see the module docstring).
 
@@ -259,7 +291,7 @@ class FileSource(Source):
             when decord cannot open the file) or "auto" (= "pyav").
         threads: Decoder threads (0 = FFmpeg's choice).
         thread_type: FFmpeg threading: "AUTO" (frame and slice threads), "FRAME", "SLICE"
-            or "NONE".
+            or "NONE"; None picks by the plan (see `choose_thread_type`).
         batch_size: Frames per decord batch (memory holds one batch).
     """
 
@@ -274,7 +306,7 @@ class FileSource(Source):
         on_status: StatusCallback | None = None,
         backend: Backend = "auto",
         threads: int = 0,
-        thread_type: Literal["AUTO", "FRAME", "SLICE", "NONE"] = "AUTO",
+        thread_type: ThreadType | None = None,
         batch_size: int = 8,
     ) -> None:
         p = str(path)
@@ -290,9 +322,9 @@ class FileSource(Source):
         self.path = p
         self.fps, self.snap, self.tolerance_s = fps, snap, tolerance_s
         self.threads, self.batch_size = threads, max(1, batch_size)
-        self.thread_type = thread_type
         self.index, facts = scan_file(p)
         self._wants = plan_samples(self.index, fps, snap, tolerance_s)
+        self.thread_type: ThreadType = thread_type or choose_thread_type(self.index, self._wants)
         self.backend: str = "pyav"
         self._decord: Any = None
         if backend == "decord" and self.index.timed:
