@@ -120,6 +120,21 @@ def test_keyframe_tolerance(scene_cfr: Any) -> None:
     assert pts[1] == pytest.approx(0.88)  # no keyframe near 1.0: the earliest frame within 0.15 s
 
 
+def test_thread_choice_follows_the_plan_and_never_changes_pixels(scene_cfr: Any) -> None:
+    path = scene_cfr.cameras["cam0"]  # GOP 2 s at 25 fps
+    with open_source(path, fps=1.0) as sparse, open_source(path, fps=None) as dense:
+        assert sparse.thread_type == "SLICE"  # two wanted frames per GOP: seek-heavy
+        assert dense.thread_type == "AUTO"  # every frame: long decoding runs
+    for fps in (1.0, 10.0):
+        outs = []
+        for thread_type in ("AUTO", "SLICE", "NONE"):
+            with FileSource(path, fps=fps, thread_type=thread_type) as src:  # type: ignore[arg-type]
+                outs.append(list(src))
+        for other in outs[1:]:
+            assert [f.pts for f in other] == [f.pts for f in outs[0]]
+            assert all(np.array_equal(a.image, b.image) for a, b in zip(outs[0], other, strict=True))
+
+
 @pytest.mark.parametrize("name", ["scene_cfr", "scene_vfr", "cup.mp4", "carphone.mp4"])
 @pytest.mark.parametrize("snap", ["exact", "keyframe"])
 def test_decord_and_pyav_agree(name: str, snap: str, request: pytest.FixtureRequest) -> None:

@@ -535,6 +535,8 @@ class FileSource(Source):
                         packets = None  # drained: the next want seeks
                     while pending and pending[0].pts < want.ticks:
                         pending.popleft()
+                while pending and pending[0].pts < want.ticks:  # frames the final drain released
+                    pending.popleft()
                 if not pending:
                     if packets is None and i + 1 < len(wants) and not self.index.complete:
                         return  # the file ends before this frame (truncated)
