@@ -174,6 +174,12 @@ class EngineConfig(_Model):
         default=4, ge=1, le=256,
         description="Remote requests in flight at once (openai); more keeps a batching server busy.",
     )
+    max_consecutive_failures: int | None = Field(
+        default=None, ge=0,
+        description="Windows in a row whose grounding may fail (engine raised: model server down, out of "
+        "memory) before the run stops; failed windows are skipped and counted. 0: never stop. Default: 5 "
+        "when every source is a file, never when any is live (grounding resumes when the engine recovers).",
+    )
 
     @model_validator(mode="after")
     def _check_kind(self) -> EngineConfig:

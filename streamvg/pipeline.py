@@ -32,7 +32,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from streamvg.config import PipelineConfig, QueryConfig
-from streamvg.errors import StreamVGError
+from streamvg.errors import GroundingError, StreamVGError
 from streamvg.events import Event
 from streamvg.grounding import Grounding, GroundingEngine, create_engine
 from streamvg.redaction import mask_text, mask_url
@@ -44,6 +44,7 @@ from streamvg.windows import MultiCameraWindows, windows
 
 __all__ = [
     "CameraState",
+    "GroundingFailures",
     "Pipeline",
     "RunSummary",
     "Segment",
@@ -73,6 +74,7 @@ class CameraState:
     windows_made: int = 0
     windows_dropped: int = 0
     windows_grounded: int = 0
+    windows_failed: int = 0
     last_latency_ms: float | None = None
     duration_s: float | None = None
     last_pts: float = 0.0
@@ -128,6 +130,53 @@ class RunSummary:
     interrupted: bool
     elapsed_s: float
     unparseable_answers: int
+    windows_failed: int = 0
+    error: str | None = None  # why the run stopped early (the engine kept failing), else None
+
+
+class GroundingFailures:
+    """Windows whose grounding raised: skipped and counted, not fatal, up to a limit.
+
+    A model server restarting or one out-of-memory batch must not end a monitor that
+    watches cameras for days, so a failed batch's windows are skipped (their frames go
+    ungrounded; trackers bridge the gap like a missed detection). `limit` failed windows in
+    a row end the run instead (None: never), so a search whose engine cannot work at all
+    stops with the reason rather than skipping every window. Logging is one line when a
+    burst starts, one every `log_every_s` while it lasts, and one when grounding recovers.
+    """
+
+    def __init__(self, limit: int | None, *, log_every_s: float = 30.0) -> None:
+        self.limit = limit
+        self.log_every_s = log_every_s
+        self.total = 0
+        self.consecutive = 0
+        self.last_error = ""
+        self._last_log = 0.0
+
+    def failed(self, windows: int, exc: BaseException) -> bool:
+        """Count `windows` skipped because of `exc`; True when the limit is reached."""
+        self.total += windows
+        self.consecutive += windows
+        self.last_error = mask_text(str(exc) or type(exc).__name__)
+        now = time.monotonic()
+        if self.consecutive == windows:
+            log.warning("grounding failed, skipping %d window(s): %s", windows, self.last_error)
+            self._last_log = now
+        elif now - self._last_log >= self.log_every_s:
+            log.warning("grounding still failing: %d window(s) skipped in a row; last error: %s",
+                        self.consecutive, self.last_error)
+            self._last_log = now
+        log.debug("grounding failure", exc_info=exc)
+        return self.limit is not None and self.consecutive >= self.limit
+
+    def succeeded(self) -> None:
+        if self.consecutive:
+            log.info("grounding recovered after %d skipped window(s)", self.consecutive)
+        self.consecutive = 0
+
+    def give_up_message(self) -> str:
+        return (f"grounding failed for {self.consecutive} windows in a row, so the run stopped; "
+                f"last error: {self.last_error}")
 
 
 class WindowQueue:
@@ -444,6 +493,10 @@ class Pipeline:
         self.windows_grounded = 0
         self.events_published = 0
         self.unparseable_answers = 0
+        limit = config.engine.max_consecutive_failures
+        if limit is None:
+            limit = 0 if any(c.live for c in self.cameras.values()) else 5
+        self.failures = GroundingFailures(limit or None)
         self._started_at = 0.0
         self._done = threading.Event()
         self._engine_error: BaseException | None = None
@@ -545,6 +598,9 @@ class Pipeline:
             interrupted=interrupted,
             elapsed_s=time.monotonic() - self._started_at if self._started_at else 0.0,
             unparseable_answers=self.unparseable_answers,
+            windows_failed=self.failures.total,
+            error=mask_text(str(self._engine_error)) if self._engine_error is not None
+            and not isinstance(self._engine_error, KeyboardInterrupt) else None,
         )
 
     def segments(self) -> list[Segment]:
@@ -682,16 +738,27 @@ class Pipeline:
                     continue
                 assert self._engine is not None
                 requests = [(w, q) for w in batch for q in queries]
+                failed: set[int] = set()  # windows (by id) a failed chunk touched
                 for i in range(0, len(requests), batch_size):
                     chunk = requests[i : i + batch_size]
                     t0 = time.perf_counter()
-                    groundings = self._engine.ground_many(chunk)
+                    try:
+                        groundings = self._engine.ground_many(chunk)
+                    except Exception as exc:  # skipped and counted, not fatal: see GroundingFailures
+                        newly = {id(w): w for w, _q in chunk if id(w) not in failed}
+                        failed.update(newly)
+                        for w in newly.values():
+                            self._count_failed(w)
+                        if newly and self.failures.failed(len(newly), exc):
+                            raise GroundingError(self.failures.give_up_message()) from exc
+                        continue
+                    self.failures.succeeded()
                     elapsed = time.perf_counter() - t0
                     if self.metrics:
                         self.metrics.engine_latency.observe(elapsed)
                     for (w, q), g in zip(chunk, groundings, strict=True):
                         self._handle(w, q, g, elapsed * 1000.0 / len(chunk))
-                self._count_grounded(batch)
+                self._count_grounded([w for w in batch if id(w) not in failed])
             self.processor.finish_all()
         except BaseException as exc:
             self._engine_error = exc
@@ -700,6 +767,13 @@ class Pipeline:
         finally:
             self._done.set()
             self._notify()
+
+    def _count_failed(self, window: Window) -> None:
+        cam = self.cameras.get(window.frames[0].camera)
+        if cam is not None:
+            cam.windows_failed += 1
+        if self.metrics:
+            self.metrics.windows_failed.labels(window.frames[0].camera).inc()
 
     def _count_grounded(self, batch: list[Window]) -> None:
         for w in batch:
@@ -878,6 +952,9 @@ class PipelineMetrics:
         self.frames_in = Counter("streamvg_frames_in", "Frames sampled", ["camera"], registry=self.registry)
         self.windows_dropped = Counter("streamvg_windows_dropped", "Stale windows dropped (freshest policy)", ["camera"], registry=self.registry)
         self.windows_grounded = Counter("streamvg_windows_grounded", "Windows grounded", ["camera"], registry=self.registry)
+        self.windows_failed = Counter(
+            "streamvg_windows_failed", "Windows skipped because grounding raised", ["camera"], registry=self.registry
+        )
         self.engine_latency = Histogram("streamvg_engine_latency_seconds", "Engine batch latency", registry=self.registry)
         self.events = Counter("streamvg_events_published", "Events published", ["kind"], registry=self.registry)
         self.camera_up = Gauge("streamvg_camera_up", "1 when the camera is streaming", ["camera"], registry=self.registry)

@@ -41,10 +41,10 @@ import numpy as np
 import redis
 
 from streamvg.config import PipelineConfig
-from streamvg.errors import PublishError, RedisAuthError
+from streamvg.errors import GroundingError, PublishError, RedisAuthError
 from streamvg.events import Event
 from streamvg.grounding import GroundingEngine, create_engine
-from streamvg.pipeline import PipelineMetrics, Sink, TrackingStage, default_sinks
+from streamvg.pipeline import GroundingFailures, PipelineMetrics, Sink, TrackingStage, default_sinks
 from streamvg.redaction import mask_url
 from streamvg.types import Frame, Window
 
@@ -214,6 +214,9 @@ class GroundWorker:
         self.queries = [q for q in config.queries]
         self.owned: set[str] = set()
         self.windows_grounded = 0
+        # Windows whose grounding raised are skipped and acknowledged, never retried: by the
+        # time a model server is back they are stale, and the cameras keep sending fresh ones.
+        self.failures = GroundingFailures(config.engine.max_consecutive_failures or None)
         self.metrics = PipelineMetrics(metrics_port) if metrics_port else None
         if self.metrics:
             self.metrics.watch_sinks(self.sinks)
@@ -292,10 +295,19 @@ class GroundWorker:
         from streamvg.pipeline import _query_from_config
 
         reqs = [(w, _query_from_config(q)) for w, q in requests]
+        failed: set[int] = set()
         for i in range(0, len(reqs), bs):
             chunk = reqs[i : i + bs]
             t0 = time.perf_counter()
-            groundings = self.engine.ground_many(chunk)
+            try:
+                groundings = self.engine.ground_many(chunk)
+            except Exception as exc:  # skipped and counted, not fatal: see GroundingFailures
+                newly = {id(w) for w, _q in chunk} - failed
+                failed |= newly
+                if newly and self.failures.failed(len(newly), exc):
+                    raise GroundingError(self.failures.give_up_message()) from exc
+                continue
+            self.failures.succeeded()
             ms = (time.perf_counter() - t0) * 1000.0 / max(1, len(chunk))
             for (w, q), g in zip(chunk, groundings, strict=True):
                 self.stage.process(w, q, g, ms)
@@ -306,11 +318,16 @@ class GroundWorker:
         tx.set(_k(self.pipeline, f"trackstate:{cam}"), self.stage.export_camera(cam))
         tx.xack(work_key(self.pipeline, cam), GROUP, *ids)
         tx.xdel(work_key(self.pipeline, cam), *ids)
-        tx.incrby(_k(self.pipeline, "windows_grounded"), len(ids))
+        grounded = len(ids) - len(failed)
+        tx.incrby(_k(self.pipeline, "windows_grounded"), grounded)
+        if failed:
+            tx.incrby(_k(self.pipeline, "windows_failed"), len(failed))
         tx.execute()
-        self.windows_grounded += len(ids)
+        self.windows_grounded += grounded
         if self.metrics:
-            self.metrics.windows_grounded.labels(cam).inc(len(ids))
+            self.metrics.windows_grounded.labels(cam).inc(grounded)
+            if failed:
+                self.metrics.windows_failed.labels(cam).inc(len(failed))
 
     def run(self, stop: threading.Event, *, block_ms: int = 200) -> None:
         """Work until `stop` is set; gives its cameras back on the way out."""

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ from streamvg.errors import ConfigError, GroundingError
 from streamvg.grounding import create_engine
 from streamvg.grounding.prompts import build_messages, render_chat
 from streamvg.grounding.remote import OpenAIEngine, resolve_convention, smart_resize
+from streamvg.testing.openai_server import OpenAIStubProcess as StubServer
 from streamvg.testing.servers import free_port, wait_until
 from streamvg.types import Frame, Query, Window
 
@@ -58,51 +56,9 @@ ANSWERS: dict[str, Any] = {
 }
 
 
-class StubServer:
-    """The OpenAI stand-in as a subprocess, with helpers to steer and read it."""
-
-    def __init__(self, tmp: Path, answers: dict[str, Any], *, model: str = MODEL, port: int | None = None) -> None:
-        self.port = port or free_port()
-        answer_file = tmp / f"answers-{self.port}.json"
-        answer_file.write_text(json.dumps(answers), encoding="utf-8")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streamvg.testing.openai_server", "--port", str(self.port),
-             "--answer-file", str(answer_file), "--model", model],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        wait_until(self._up, timeout=30, what="the OpenAI stub server")
-
-    def _up(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"stub server exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
-        try:
-            self.stats()
-            return True
-        except OSError:
-            return False
-
-    def stats(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_stats", timeout=2) as r:
-            data: dict[str, Any] = json.loads(r.read())
-            return data
-
-    def control(self, **kw: Any) -> None:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/_control", data=json.dumps(kw).encode(), method="POST",
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=2) as r:
-            r.read()
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StubServer]:
-    srv = StubServer(tmp_path_factory.mktemp("openai"), ANSWERS)
+    srv = StubServer(tmp_path_factory.mktemp("openai"), ANSWERS, model=MODEL)
     yield srv
     srv.stop()
 
@@ -338,11 +294,11 @@ def test_mixed_queries_keep_order_and_unparseable_is_flagged(server: StubServer)
 def test_server_restart_between_requests(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A kept-alive connection to a server that went away and came back is replaced at
     once, without spending a retry."""
-    first = StubServer(tmp_path, ANSWERS)
+    first = StubServer(tmp_path, ANSWERS, model=MODEL)
     with _engine(first, retries=0) as engine:
         assert len(engine.ground([_window()], Query("r", "the red square"))[0].detections) == 3
         first.stop()
-        second = StubServer(tmp_path, ANSWERS, port=first.port)
+        second = StubServer(tmp_path, ANSWERS, model=MODEL, port=first.port)
         try:
             with caplog.at_level(logging.WARNING):
                 assert len(engine.ground([_window()], Query("r", "the red square"))[0].detections) == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -78,7 +79,7 @@ def _segments_table(segments: list[Segment], title: str) -> Table:
         table.add_column(col, overflow="fold")
     for s in segments:
         table.add_row(
-            Path(s.video).name, s.query_id, str(s.track_id), f"{s.start_s:.2f}s", f"{s.end_s:.2f}s",
+            Path(s.video).name, s.query, str(s.track_id), f"{s.start_s:.2f}s", f"{s.end_s:.2f}s",
             f"{s.best_t:.2f}s", f"{s.best_score:.2f}", ",".join(f"{v:.0f}" for v in s.best_xyxy), s.thumbnail or "",
         )
     return table
@@ -107,6 +108,9 @@ def search(
     engine: Annotated[str, typer.Option(help="gemvg (transformers), gemvg-trt, replay (stored answers) or openai.")] = "gemvg",
     model: Annotated[str | None, typer.Option(help="Model directory or hub id (gemvg).")] = None,
     replay: Annotated[Path | None, typer.Option(help="Groundings JSONL for --engine replay.")] = None,
+    base_url: Annotated[str | None, typer.Option(
+        help="OpenAI-compatible endpoint for --engine openai (vLLM, SGLang, TensorRT-LLM), e.g. "
+        "http://gpu-box:8000/v1; its API key, if any, from STREAMVG_ENGINE__API_KEY.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Windows grounded together.")] = 4,
     min_score: Annotated[float, typer.Option(help="Drop boxes scoring below this.")] = 0.0,
@@ -134,7 +138,8 @@ def search(
             queries=[QueryConfig(id=f"q{i + 1}", text=t, min_score=min_score) for i, t in enumerate(query)],
             engine=EngineConfig(
                 kind=engine, model=model, device=device, batch_size=batch_size,  # type: ignore[arg-type]
-                replay_path=str(replay) if replay else None,
+                replay_path=str(replay) if replay else None, base_url=base_url,
+                api_key=os.environ.get("STREAMVG_ENGINE__API_KEY") or None,
             ),
             sinks=SinksConfig(jsonl=JsonlSinkConfig(path=str(events)) if events else None),
         )
@@ -163,11 +168,15 @@ def search(
     if json_out:
         typer.echo(json.dumps({"segments": [s.to_json() for s in segments], "interrupted": summary.interrupted,
                                "windows_grounded": summary.windows_grounded,
-                               "unparseable_answers": summary.unparseable_answers}))
+                               "windows_failed": summary.windows_failed,
+                               "unparseable_answers": summary.unparseable_answers,
+                               "error": summary.error}))
     else:
         console = Console()
         title = f"{len(segments)} segment(s) in {len(files)} video(s), {summary.windows_grounded} windows, {summary.elapsed_s:.1f}s"
         console.print(_segments_table(segments, title))
+        if summary.windows_failed and not summary.error:
+            err_console.print(f"[yellow]grounding failed for {summary.windows_failed} window(s); they were skipped[/]")
         if summary.unparseable_answers:
             err_console.print(f"[yellow]{summary.unparseable_answers} model answer(s) could not be parsed; those windows were skipped[/]")
         if out is not None:
@@ -175,6 +184,10 @@ def search(
     for cam in summary.cameras.values():
         if cam.state == "failed":
             err_console.print(f"[red]{Path(cam.uri).name}: {cam.detail}[/]")
+    if summary.error:
+        err_console.print(f"[red]error: {summary.error}[/]")
+        err_console.print("[yellow]the segments above are what was found before the engine stopped[/]")
+        raise typer.Exit(1)
     if summary.interrupted:
         err_console.print("[yellow]interrupted: the segments above are what was found so far[/]")
         raise typer.Exit(130)
@@ -208,28 +221,24 @@ def _run_with_progress(pipe: Pipeline, names: list[str], files: list[Path], *, s
     except KeyboardInterrupt:
         interrupted = True
     pipe.stop()
-    if pipe._engine_error is not None and not isinstance(pipe._engine_error, KeyboardInterrupt):
-        raise pipe._engine_error
     return pipe.summary(interrupted=interrupted)
 
 
 def _force_progress() -> bool:
-    import os
-
     return os.environ.get("STREAMVG_PROGRESS") == "1"
 
 
 def _camera_table(pipe: Pipeline) -> Table:
     table = Table(title=f"streamvg monitor · {pipe.name} · {len(pipe.queries)} queries · {pipe.windows_grounded} windows · {pipe.events_published} events")
-    for col in ("camera", "state", "frames", "dropped", "windows", "stale dropped", "latency", "detail"):
+    for col in ("camera", "state", "frames", "dropped", "windows", "stale dropped", "failed", "latency", "detail"):
         table.add_column(col, overflow="fold")
     colors = {"up": "green", "connecting": "yellow", "stalled": "yellow", "down": "red", "failed": "red"}
     for cam in pipe.cameras.values():
         c = colors.get(cam.state, "white")
         table.add_row(
             cam.name, f"[{c}]{cam.state}[/]", str(cam.frames_in), str(cam.frames_dropped), str(cam.windows_grounded),
-            str(cam.windows_dropped), f"{cam.last_latency_ms:.0f} ms" if cam.last_latency_ms is not None else "-",
-            cam.detail[:60],
+            str(cam.windows_dropped), str(cam.windows_failed), f"{cam.last_latency_ms:.0f} ms" if cam.last_latency_ms is not None else "-",
+            cam.detail[:90],
         )
     return table
 
@@ -285,13 +294,20 @@ def monitor(
     summary = pipe.summary()
     if json_out:
         typer.echo(json.dumps({
-            "windows_grounded": summary.windows_grounded, "events_published": summary.events_published,
-            "shutdown_s": round(time.monotonic() - t0, 3),
+            "windows_grounded": summary.windows_grounded, "windows_failed": summary.windows_failed,
+            "events_published": summary.events_published, "shutdown_s": round(time.monotonic() - t0, 3),
+            "error": summary.error,
             "cameras": {n: {"state": c.state, "frames_in": c.frames_in, "windows_grounded": c.windows_grounded,
-                            "windows_dropped": c.windows_dropped, "reconnects": c.reconnects} for n, c in summary.cameras.items()},
+                            "windows_dropped": c.windows_dropped, "windows_failed": c.windows_failed,
+                            "reconnects": c.reconnects} for n, c in summary.cameras.items()},
         }))
     else:
-        err_console.print(f"stopped: {summary.windows_grounded} windows grounded, {summary.events_published} events published")
+        failed = f", {summary.windows_failed} failed" if summary.windows_failed else ""
+        err_console.print(f"stopped: {summary.windows_grounded} windows grounded{failed}, "
+                          f"{summary.events_published} events published")
+    if summary.error:
+        err_console.print(f"[red]error: {summary.error}[/]")
+        raise typer.Exit(1)
 
 
 class _Null:

@@ -53,7 +53,8 @@ def run_role(cfg: PipelineConfig, role: str, *, metrics_port: int | None, durati
                 worker.run(stop)
             finally:
                 worker.close()
-            summary = {"role": "ground", "worker": worker.worker_id, "windows_grounded": worker.windows_grounded}
+            summary = {"role": "ground", "worker": worker.worker_id, "windows_grounded": worker.windows_grounded,
+                       "windows_failed": worker.failures.total}
     finally:
         for s, h in old.items():
             signal.signal(s, h)

@@ -231,7 +231,9 @@ class ThreadedSource(Source):
                 return
             state: SourceState = "stalled" if stalled else "down"
             if was_up or self._status.state not in ("down", "stalled"):
-                self._status.emit(state, f"{detail}; reconnecting in {delay:.1f} s")
+                # One status per outage, not per attempt (events stay quiet), so the detail
+                # states the whole retry policy rather than a delay that soon goes stale.
+                self._status.emit(state, f"{detail}; retrying in {delay:.1f} s, then at most every {self.backoff_max_s:g} s")
             else:
                 log.debug("camera %s (%s): still down (%s); next try in %.1f s", self.camera, self.uri, detail, delay)
             self._stop.wait(delay)

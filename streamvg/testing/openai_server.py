@@ -44,8 +44,11 @@ import argparse
 import base64
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -53,7 +56,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-__all__ = ["OpenAIStubState", "fill_placeholders", "main", "make_server"]
+from streamvg.testing.servers import free_port, wait_until
+
+__all__ = ["OpenAIStubProcess", "OpenAIStubState", "fill_placeholders", "main", "make_server"]
 
 _PLACEHOLDER_RE = re.compile(r"\{(box|box1000|pairs1000):(\d+):([0-9A-Fa-f]{6})\}|\{size:(\d+)\}")
 _COLOR_TOLERANCE = 60
@@ -309,6 +314,48 @@ def make_server(
     server = _QuietServer((host, port), _handler(state))
     server.state = state  # type: ignore[attr-defined]
     return server
+
+
+class OpenAIStubProcess:
+    """This server as a subprocess on a free port, with helpers to steer and read it (tests)."""
+
+    def __init__(self, tmp: Path, answers: dict[str, Any], *, model: str = "stub-model", port: int | None = None) -> None:
+        self.port = port or free_port()
+        answer_file = tmp / f"answers-{self.port}.json"
+        answer_file.write_text(json.dumps(answers), encoding="utf-8")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streamvg.testing.openai_server", "--port", str(self.port),
+             "--answer-file", str(answer_file), "--model", model],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        wait_until(self._up, timeout=30, what="the OpenAI stub server")
+
+    def _up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"stub server exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+        try:
+            self.stats()
+            return True
+        except OSError:
+            return False
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_stats", timeout=2) as r:
+            data: dict[str, Any] = json.loads(r.read())
+            return data
+
+    def control(self, **kw: Any) -> None:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/_control", data=json.dumps(kw).encode(), method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=2) as r:
+            r.read()
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
 
 
 def main(argv: list[str] | None = None) -> None:
