@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -177,6 +177,35 @@ class GroundingFailures:
     def give_up_message(self) -> str:
         return (f"grounding failed for {self.consecutive} windows in a row, so the run stopped; "
                 f"last error: {self.last_error}")
+
+
+def ground_in_chunks(
+    engine: GroundingEngine,
+    requests: list[tuple[Window, Query]],
+    batch_size: int,
+    failures: GroundingFailures,
+    on_failed: Callable[[Window], None],
+) -> Iterator[tuple[list[tuple[Window, Query]], list[Grounding], float]]:
+    """Ground `requests` `batch_size` at a time; yield `(chunk, groundings, seconds)` for
+    each chunk the engine answered. A chunk that raises is skipped: each of its windows is
+    passed to `on_failed` once and counted in `failures`, which raises `GroundingError`
+    (the run stops) when its limit of failures in a row is reached."""
+    failed: set[int] = set()  # windows (by id) already reported
+    for i in range(0, len(requests), batch_size):
+        chunk = requests[i : i + batch_size]
+        t0 = time.perf_counter()
+        try:
+            groundings = engine.ground_many(chunk)
+        except Exception as exc:  # skipped and counted, not fatal: see GroundingFailures
+            newly = {id(w): w for w, _q in chunk if id(w) not in failed}
+            failed.update(newly)
+            for w in newly.values():
+                on_failed(w)
+            if newly and failures.failed(len(newly), exc):
+                raise GroundingError(failures.give_up_message()) from exc
+            continue
+        failures.succeeded()
+        yield chunk, groundings, time.perf_counter() - t0
 
 
 class WindowQueue:
@@ -738,22 +767,10 @@ class Pipeline:
                     continue
                 assert self._engine is not None
                 requests = [(w, q) for w in batch for q in queries]
-                failed: set[int] = set()  # windows (by id) a failed chunk touched
-                for i in range(0, len(requests), batch_size):
-                    chunk = requests[i : i + batch_size]
-                    t0 = time.perf_counter()
-                    try:
-                        groundings = self._engine.ground_many(chunk)
-                    except Exception as exc:  # skipped and counted, not fatal: see GroundingFailures
-                        newly = {id(w): w for w, _q in chunk if id(w) not in failed}
-                        failed.update(newly)
-                        for w in newly.values():
-                            self._count_failed(w)
-                        if newly and self.failures.failed(len(newly), exc):
-                            raise GroundingError(self.failures.give_up_message()) from exc
-                        continue
-                    self.failures.succeeded()
-                    elapsed = time.perf_counter() - t0
+                failed: set[int] = set()  # ids of windows whose grounding failed
+                for chunk, groundings, elapsed in ground_in_chunks(
+                    self._engine, requests, batch_size, self.failures, functools.partial(self._count_failed, failed)
+                ):
                     if self.metrics:
                         self.metrics.engine_latency.observe(elapsed)
                     for (w, q), g in zip(chunk, groundings, strict=True):
@@ -768,7 +785,8 @@ class Pipeline:
             self._done.set()
             self._notify()
 
-    def _count_failed(self, window: Window) -> None:
+    def _count_failed(self, failed: set[int], window: Window) -> None:
+        failed.add(id(window))
         cam = self.cameras.get(window.frames[0].camera)
         if cam is not None:
             cam.windows_failed += 1

@@ -41,10 +41,17 @@ import numpy as np
 import redis
 
 from streamvg.config import PipelineConfig
-from streamvg.errors import GroundingError, PublishError, RedisAuthError
+from streamvg.errors import PublishError, RedisAuthError
 from streamvg.events import Event
 from streamvg.grounding import GroundingEngine, create_engine
-from streamvg.pipeline import GroundingFailures, PipelineMetrics, Sink, TrackingStage, default_sinks
+from streamvg.pipeline import (
+    GroundingFailures,
+    PipelineMetrics,
+    Sink,
+    TrackingStage,
+    default_sinks,
+    ground_in_chunks,
+)
 from streamvg.redaction import mask_url
 from streamvg.types import Frame, Window
 
@@ -295,20 +302,9 @@ class GroundWorker:
         from streamvg.pipeline import _query_from_config
 
         reqs = [(w, _query_from_config(q)) for w, q in requests]
-        failed: set[int] = set()
-        for i in range(0, len(reqs), bs):
-            chunk = reqs[i : i + bs]
-            t0 = time.perf_counter()
-            try:
-                groundings = self.engine.ground_many(chunk)
-            except Exception as exc:  # skipped and counted, not fatal: see GroundingFailures
-                newly = {id(w) for w, _q in chunk} - failed
-                failed |= newly
-                if newly and self.failures.failed(len(newly), exc):
-                    raise GroundingError(self.failures.give_up_message()) from exc
-                continue
-            self.failures.succeeded()
-            ms = (time.perf_counter() - t0) * 1000.0 / max(1, len(chunk))
+        failed: list[Window] = []
+        for chunk, groundings, elapsed in ground_in_chunks(self.engine, reqs, bs, self.failures, failed.append):
+            ms = elapsed * 1000.0 / max(1, len(chunk))
             for (w, q), g in zip(chunk, groundings, strict=True):
                 self.stage.process(w, q, g, ms)
         for s in self.sinks:
