@@ -22,8 +22,10 @@ def probe(
     limit: Annotated[int | None, typer.Option("--limit", min=0, help="Stop after this many frames (default: all for files, 25 for live sources).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the stream info as one JSON line too.")] = False,
 ) -> None:
-    """Print the stream info (codec, size, fps, duration, keyframe interval) and the sampled
-    frames as JSON lines `{"index": int, "pts": float}`.
+    """Print a video's or camera's stream info and the frames a sampler would take.
+
+    The info (codec, size, fps, duration, keyframe interval) comes first, then one JSON
+    line per sampled frame, `{"index": int, "pts": float}`, to check sampling.
 
     Live sources print status changes to stderr and stop after --limit frames (Ctrl-C stops early).
     """
