@@ -386,4 +386,11 @@ class LiveSource(ThreadedSource):
             return f"did not answer within {self.open_timeout_s:g} s"
         if isinstance(exc, ConnectionRefusedError) or "Connection refused" in text:
             return "connection refused"
+        # FFmpeg's messages carry an errno-like tag and the URL; say what the user can act on.
+        if "returned 401" in text:
+            return "the camera refused the username or password (401 Unauthorized); check the credentials in the URL"
+        if "returned 403" in text:
+            return "the camera refused access (403 Forbidden); check the user's rights on the camera"
+        if "returned 404" in text:
+            return "the camera has no stream at this path (404 Not Found); check the URL's path"
         return text or type(exc).__name__
