@@ -472,6 +472,9 @@ class Pipeline:
         control: Follow the Redis control stream for query changes (when Redis is set).
         window_sink: Hand windows to this callable instead of grounding them (the
             scale-out ingest role puts them on Redis work streams).
+        log_errors: Log cameras that cannot be opened or read and why grounding stopped
+            (off when the caller reports the summary's camera details and `error` itself,
+            as `streamvg search` does).
     """
 
     def __init__(
@@ -487,8 +490,10 @@ class Pipeline:
         on_update: Callable[[Pipeline], None] | None = None,
         control: bool = True,
         window_sink: Callable[[list[Window]], None] | None = None,
+        log_errors: bool = True,
     ) -> None:
         self.config = config
+        self._error_level = logging.ERROR if log_errors else logging.DEBUG
         self.window_sink = window_sink
         self.name = config.name
         self._engine = engine
@@ -669,7 +674,7 @@ class Pipeline:
             )
         except StreamVGError as exc:
             cam.state, cam.detail = "failed", mask_text(str(exc))
-            log.error("camera %s: %s", name, cam.detail)
+            log.log(self._error_level, "camera %s: %s", name, cam.detail)
             self._camera_finished(name)
             return
         with self._sources_lock:
@@ -692,7 +697,7 @@ class Pipeline:
                         break
         except StreamVGError as exc:
             cam.state, cam.detail = "failed", mask_text(str(exc))
-            log.error("camera %s: %s", name, cam.detail)
+            log.log(self._error_level, "camera %s: %s", name, cam.detail)
         except Exception as exc:
             if not self._stop.is_set():
                 cam.state, cam.detail = "failed", mask_text(str(exc))
@@ -779,7 +784,7 @@ class Pipeline:
             self.processor.finish_all()
         except BaseException as exc:
             self._engine_error = exc
-            log.error("grounding stopped: %s", mask_text(str(exc)))
+            log.log(self._error_level, "grounding stopped: %s", mask_text(str(exc)))
             self._stop.set()
         finally:
             self._done.set()

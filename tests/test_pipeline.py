@@ -4,6 +4,7 @@ fed from ground truth, and the real tiny model."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -123,6 +124,18 @@ def test_search_table_and_bad_paths(scene: Any, tmp_path: Path) -> None:
     assert r.returncode == 2 and "missing.mp4: no such file or folder" in r.stderr and "Traceback" not in r.stderr
     r = _cli("search", video, "-q", "x")
     assert r.returncode == 2 and "--model is required" in r.stderr
+    # A folder with a good video and a broken one: the good one is searched, the broken one
+    # is named once, in one sentence.
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "good.mp4").write_bytes(Path(video).read_bytes())
+    (folder / "broken.mp4").write_text("not a video")
+    r = _cli("search", str(folder), "-q", "anything", "--engine", "replay", "--replay", str(answers), "--fps", "2",
+             "--json", env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["windows_grounded"] > 0
+    assert r.stderr.count("broken.mp4 is not a video file StreamVG can read") == 1, r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_search_with_tiny_model_runs_end_to_end(tiny_models: dict[str, Path], tmp_path: Path) -> None:

@@ -157,7 +157,8 @@ def search(
     from streamvg.pipeline import default_sinks
 
     sinks = default_sinks(cfg) if events else []
-    pipe = Pipeline(cfg, sinks=sinks, collect_segments=True, thumbnails_dir=thumbnails, control=False)
+    pipe = Pipeline(cfg, sinks=sinks, collect_segments=True, thumbnails_dir=thumbnails, control=False,
+                    log_errors=False)  # the summary below reports them
     summary = _run_with_progress(pipe, names, files, show=not json_out)
     segments = summary.segments
     if out is not None:
