@@ -214,3 +214,31 @@ def test_live_source_options_and_info(servers: tuple[LiveStreamServer, LiveStrea
         src.close()
     with pytest.raises(ValueError, match="queue_size"):
         open_source(servers[1].url, queue_size=0)
+
+
+@pytest.mark.parametrize("protocol", ["udp", "hls"])
+def test_udp_and_hls_streams_flow_stall_and_resume(live_clip: Any, protocol: str) -> None:
+    """UDP (pushed MPEG-TS: a dead sender is only a silence) and HLS (a playlist served by a
+    real web server process: a dead encoder is a playlist that stops growing). Both must be
+    noticed as a stall, and frames must resume when the sender/encoder comes back."""
+    statuses: list[SourceStatus] = []
+    with LiveStreamServer(live_clip.cameras["cam0"], protocol=protocol) as srv:  # type: ignore[arg-type]
+        src = open_source(srv.url, fps=5.0, camera=protocol, stall_timeout_s=2.0, backoff_initial_s=0.2,
+                          backoff_max_s=1.0, on_status=statuses.append)
+        consumer = Consumer(src)
+        try:
+            wait_until(lambda: len(consumer.frames) >= 5, timeout=30, what=f"frames over {protocol}")
+            assert src.info.codec == "h264" and (src.info.width, src.info.height) == (320, 192)
+            srv.kill()
+            wait_until(lambda: src.state in ("stalled", "down"), timeout=30, what="the stall noticed")
+            n, last_pts = len(consumer.frames), consumer.frames[-1].pts
+            srv.start()
+            wait_until(lambda: len(consumer.frames) >= n + 5, timeout=40, what="frames after the restart")
+        finally:
+            assert _timed_close(src) < 2.0
+    assert consumer.error is None
+    states = [s.state for s in statuses]
+    assert states[:2] == ["connecting", "up"] and states[-1] == "up"
+    assert consumer.frames[n].pts > last_pts, "media time continues across the outage"
+    pts = [f.pts for f in consumer.frames]
+    assert pts == sorted(pts)
