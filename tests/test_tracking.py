@@ -309,3 +309,19 @@ def test_object_bouncing_off_the_frame_edge_keeps_its_id() -> None:
         ids.extend(out.track_id.tolist())
     assert len(ids) == len(boxes) - 1  # all but the first (confirmation) are reported
     assert set(ids) == {ids[0]}
+
+
+@pytest.mark.parametrize("dropped", [(), (33,), (33, 34), (34,)])
+def test_fast_object_turning_back_at_25_fps_keeps_its_id(dropped: tuple[int, ...]) -> None:
+    """A person at 6 widths/s reverses at once (frame 30), and a box or two are missed just
+    after: the motion model, sure of the old velocity, predicts it ever further off, so the
+    track must be re-found by overlap and its velocity learned again, not left for a new id."""
+    trk = Tracker()
+    ids: set[int] = set()
+    for k in range(60):
+        if k in dropped:
+            trk.update(Detections.empty(), k / 25)
+            continue
+        x = 100 + 12 * min(k, 30) - 12 * max(k - 30, 0)
+        ids.update(trk.update(boxes(person(x, 200)), k / 25).track_id.tolist())
+    assert ids == {0}

@@ -269,6 +269,8 @@ class Tracker:
         cols = np.concatenate([de1, de2, de_r, de3])
 
         self._apply_matches(rows, cols, z, s, dets, t)
+        if len(tr_r):  # the motion model just failed: re-learn the velocity like a new track's
+            self._mean[tr_r], self._cov[tr_r] = self._kf.initiate(z[de_r])
         new_rows = self._spawn(new, z, dets, t)
         out_rows, out_ids = self._lifecycle(np.concatenate([rows, new_rows]), np.concatenate([cols, new]), dets, t)
 
@@ -279,7 +281,11 @@ class Tracker:
     def _recover(self, tracks: I64, boxes: I64, dets: Detections) -> tuple[I64, I64, I64]:
         """Match left-over confirmed tracks seen at the previous update to left-over
         confident boxes by overlap with the track's last box (≥ `recover_iou`); returns
-        (tracks, boxes, boxes still free)."""
+        (tracks, boxes, boxes still free).
+
+        The caller restarts the velocity of a recovered track: the motion model has just
+        failed for it, and nudging the old velocity by one box would leave the next
+        prediction off again (a fast object turning back at 25 fps is lost a frame later)."""
         # Only tracks seen at the previous update: the prediction just failed (a bounce),
         # not an object that was gone and whose place a newcomer now takes.
         tracks = tracks[self._misses.take(tracks) == 0]
