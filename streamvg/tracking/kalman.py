@@ -62,9 +62,11 @@ class BoxKalman:
     """Time-aware constant-velocity Kalman filter over `[cx, cy, w, h]` boxes.
 
     Args:
-        measurement_noise: One standard deviation of a box edge's error, as a fraction of the
-            box's width (x, w) or height (y, h). Larger trusts each box less (smoother tracks,
-            slower to follow real turns).
+        measurement_noise: One standard deviation of the error of a box's centre and of its
+            size, as a fraction of the box's width (cx, w) or height (cy, h); the same for both,
+            a simplification (independent edge errors would make the centre's √2 smaller and
+            the size's √2 larger). Larger trusts each box less (smoother tracks, slower to
+            follow real turns).
         velocity_change: How much an object's velocity may change within one second, in box
             sizes per second (one standard deviation). Larger follows sudden turns and stops,
             but widens the gate, so neighbours are confused more easily.
