@@ -19,20 +19,22 @@ through `add_query` / `remove_query` or the Redis control stream
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import threading
 import time
+import zipfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import numpy as np
 
 from streamvg.config import PipelineConfig, QueryConfig
-from streamvg.errors import GroundingError, StreamVGError
+from streamvg.errors import GroundingError, StreamVGError, TrackingError
 from streamvg.events import Event
 from streamvg.grounding import Grounding, GroundingEngine, create_engine
 from streamvg.redaction import mask_text, mask_url
@@ -282,6 +284,20 @@ def _query_from_config(q: QueryConfig | Query) -> Query:
     return Query(id=q.id, text=q.text, mode=q.mode, min_score=q.min_score)
 
 
+_TRACKSTATE_FORMAT = "streamvg.trackstate/v1"
+
+
+@dataclass(frozen=True)
+class _FrameInfo:
+    """What track events need of a frame (its picture stays out of tracker state)."""
+
+    camera: str
+    index: int
+    pts: float
+    size: tuple[int, int]
+    wall_time: float | None
+
+
 class TrackingStage:
     """Grounding answers → per-(camera, query) trackers → events (and search segments).
 
@@ -306,7 +322,7 @@ class TrackingStage:
         self._videos = {s.name: mask_url(s.uri) for s in config.sources}
         self._trackers: dict[tuple[str, str], Tracker] = {}
         self._last_fed: dict[tuple[str, str], float] = {}
-        self._last_frame: dict[tuple[str, str], Frame] = {}
+        self._last_frame: dict[tuple[str, str], _FrameInfo] = {}
         self._queries: dict[tuple[str, str], Query] = {}
         self._segments: dict[tuple[str, str, int], Segment] = {}
         self._lock = threading.RLock()
@@ -340,12 +356,16 @@ class TrackingStage:
                     Detections(frame_dets.xyxy, frame_dets.score, np.zeros(len(frame_dets), np.int64)), frame.pts
                 )
                 self._last_fed[key] = frame.pts
-                self._last_frame[key] = frame
-                self._publish_track_events(tracker, frame, query, g.model, k)
+                info = self._last_frame[key] = _FrameInfo(
+                    frame.camera, frame.index, frame.pts, frame.size, frame.wall_time
+                )
+                self._publish_track_events(tracker, info, query, g.model, k)
                 if self.collect_segments and len(tracked):
                     self._update_segments(frame, query, tracked, tracker)
 
-    def _publish_track_events(self, tracker: Tracker, frame: Frame, query: Query, model: str, image_index: int) -> None:
+    def _publish_track_events(
+        self, tracker: Tracker, frame: _FrameInfo, query: Query, model: str, image_index: int
+    ) -> None:
         for ev in tracker.pop_events():
             if ev.kind == "lost":
                 continue  # internal: the track either comes back (update) or ends
@@ -380,26 +400,64 @@ class TrackingStage:
                 self.finish(key)
 
     def export_camera(self, camera: str) -> bytes:
-        """The tracker state of one camera (all its queries), for hand-over to another worker."""
-        import pickle
+        """The tracker state of one camera (all its queries), for hand-over to another worker.
 
+        An `.npz` archive of plain arrays plus a JSON header (format `streamvg.trackstate/v1`),
+        read back with `allow_pickle=False`: whoever can write to Redis cannot make a worker
+        run code. Frames are kept as metadata only, so the state stays a few KB.
+        """
         with self._lock:
-            state = {
-                key: (self._trackers[key], self._last_fed.get(key), self._last_frame.get(key), self._queries.get(key))
-                for key in self._trackers
-                if key[0] == camera
-            }
-            return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
-
-    def import_camera(self, camera: str, data: bytes) -> None:
-        """Adopt a camera's tracker state saved by `export_camera` (a trusted Redis only)."""
-        import pickle
-
-        state = pickle.loads(data)
-        with self._lock:
-            for key, (tracker, last_fed, last_frame, query) in state.items():
+            entries: list[dict[str, Any]] = []
+            arrays: dict[str, np.ndarray] = {}
+            for key, tracker in self._trackers.items():
                 if key[0] != camera:
                     continue
+                meta, tracker_arrays = tracker.state()
+                frame, query = self._last_frame.get(key), self._queries.get(key)
+                arrays.update({f"{len(entries)}.{name}": a for name, a in tracker_arrays.items()})
+                entries.append({
+                    "query_id": key[1],
+                    "tracker": meta,
+                    "last_fed": self._last_fed.get(key),
+                    "frame": None if frame is None else asdict(frame),
+                    "query": None if query is None else asdict(query),
+                })
+        header = json.dumps({"format": _TRACKSTATE_FORMAT, "camera": camera, "entries": entries}).encode()
+        buf = io.BytesIO()
+        arrays["header"] = np.frombuffer(header, np.uint8)
+        np.savez(buf, **cast(dict[str, Any], arrays))  # cast: savez's stubs type ** as its own flags
+        return buf.getvalue()
+
+    def import_camera(self, camera: str, data: bytes) -> None:
+        """Adopt a camera's tracker state saved by `export_camera`.
+
+        Raises:
+            TrackingError: `data` is not such a state (corrupt, or written by another version).
+        """
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+                header = json.loads(archive["header"].tobytes())
+                if header.get("format") != _TRACKSTATE_FORMAT:
+                    raise ValueError(f"format {header.get('format')!r}, expected {_TRACKSTATE_FORMAT!r}")
+                restored = []
+                for i, e in enumerate(header["entries"]):
+                    prefix = f"{i}."
+                    arrays = {k[len(prefix) :]: archive[k] for k in archive.files if k.startswith(prefix)}
+                    f, q = e["frame"], e["query"]
+                    restored.append((
+                        (camera, str(e["query_id"])),
+                        Tracker.from_state(e["tracker"], arrays),
+                        None if e["last_fed"] is None else float(e["last_fed"]),
+                        None if f is None else _FrameInfo(f["camera"], int(f["index"]), float(f["pts"]),
+                                                          (int(f["size"][0]), int(f["size"][1])), f["wall_time"]),
+                        None if q is None else Query(**q),
+                    ))
+        except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as exc:
+            raise TrackingError(
+                f"the saved tracker state of camera {camera!r} is unreadable ({exc}); its tracks start afresh"
+            ) from None
+        with self._lock:
+            for key, tracker, last_fed, last_frame, query in restored:
                 self._trackers[key] = tracker
                 if last_fed is not None:
                     self._last_fed[key] = last_fed

@@ -41,7 +41,7 @@ import numpy as np
 import redis
 
 from streamvg.config import PipelineConfig
-from streamvg.errors import PublishError, RedisAuthError
+from streamvg.errors import PublishError, RedisAuthError, TrackingError
 from streamvg.events import Event
 from streamvg.grounding import GroundingEngine, create_engine
 from streamvg.pipeline import (
@@ -271,7 +271,10 @@ class GroundWorker:
         state: Any = self.client.get(_k(self.pipeline, f"trackstate:{cam}"))
         self.stage.drop_camera(cam)
         if state:
-            self.stage.import_camera(cam, state)
+            try:
+                self.stage.import_camera(cam, state)
+            except TrackingError as exc:  # corrupt, or saved by another version: carry on
+                log.warning("worker %s: %s", self.worker_id, exc)
         self.owned.add(cam)
         log.info("worker %s took camera %s", self.worker_id, cam)
         # Windows a previous owner received but never acknowledged come first, in order.

@@ -180,9 +180,12 @@ def test_failure_log_is_rate_limited_and_masks_secrets(caplog: pytest.LogCapture
 
 
 
-def test_ground_worker_skips_and_acknowledges_failed_windows(video: Path, server: Any) -> None:
+def test_ground_worker_skips_and_acknowledges_failed_windows(
+    video: Path, server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     """Scale-out: a ground worker whose engine refuses some windows acknowledges and counts
-    them (never retried, never stuck pending) and keeps grounding the rest."""
+    them (never retried, never stuck pending) and keeps grounding the rest. A saved tracker
+    state it cannot read (corrupt, another version's) is said in a warning and ignored."""
     url = "redis://127.0.0.1:6379/0"
     name = f"failtest-{uuid.uuid4().hex[:8]}"
     cfg = _config(video, server)
@@ -192,18 +195,20 @@ def test_ground_worker_skips_and_acknowledges_failed_windows(video: Path, server
         wins = list(windows(src, size=2, stride=2))
     publisher = WindowPublisher(url, name)
     publisher.put(wins)
+    client = redis.Redis.from_url(url)
+    client.set(f"streamvg:{name}:trackstate:cam0", b"\x80\x04not a tracker state")
     server.control(fail_next=3, fail_status=400)
     worker = GroundWorker(cfg, sinks=[], lease_s=2.0)
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     thread.start()
-    client = redis.Redis.from_url(url)
     try:
         wait_until(lambda: worker.windows_grounded + worker.failures.total >= len(wins), timeout=60,
                    what="every window grounded or skipped")
         assert worker.failures.total == 3 and worker.windows_grounded == len(wins) - 3
         assert int(client.get(f"streamvg:{name}:windows_failed") or 0) == 3
         assert client.xpending(work_key(name, "cam0"), GROUP)["pending"] == 0
+        assert "the saved tracker state of camera 'cam0' is unreadable" in caplog.text
     finally:
         stop.set()
         thread.join(10)

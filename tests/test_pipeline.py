@@ -3,8 +3,10 @@ fed from ground truth, and the real tiny model."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import subprocess
 import sys
 import uuid
@@ -26,12 +28,14 @@ from streamvg.config import (
     load_pipeline,
 )
 from streamvg.demo import EventCollector, ground_truth_tracks, tracked_boxes
-from streamvg.pipeline import Pipeline, WindowQueue, send_query_command
+from streamvg.errors import TrackingError
+from streamvg.grounding import Grounding
+from streamvg.pipeline import Pipeline, TrackingStage, WindowQueue, send_query_command
 from streamvg.testing.live import LiveStreamServer
 from streamvg.testing.metrics import idf1
 from streamvg.testing.servers import wait_until
 from streamvg.testing.synthetic import replay_records, write_scene
-from streamvg.types import Frame, Query, Window
+from streamvg.types import Detections, Frame, Query, Window
 
 REPO = Path(__file__).resolve().parents[1]
 FPS = 5.0
@@ -265,3 +269,45 @@ def test_demo_runs_and_scores_itself(tmp_path: Path) -> None:
     lines = (tmp_path / "demo" / "events.jsonl").read_text().splitlines()
     assert len(lines) == out["events_published"] > 0
     assert all(row["idf1"] >= 0.9 for row in out["tracks"]), out["tracks"]
+
+
+def _stage_run(stage: Any, frames: list[Frame], query: Query, start: int, stop: int) -> None:
+    """Feed windows of 2 frames with one box per frame moving right, from window `start` to `stop`."""
+    for w in range(start, stop):
+        win = Window(tuple(frames[2 * w : 2 * w + 2]))
+        xs = np.array([[40.0 + 30 * (2 * w + k), 200, 140.0 + 30 * (2 * w + k), 400] for k in range(2)], np.float32)
+        dets = Detections(xs, np.full(2, 0.9, np.float32), np.arange(2))
+        stage.process(win, query, Grounding(win.id, query.id, dets, "", None, "replay"), 12.0)
+
+
+def test_camera_hand_over_state_is_small_pickle_free_and_continues_the_tracks() -> None:
+    """What a scale-out worker saves to Redis for a camera: a few KB of arrays + JSON (no
+    frames, no pickle) from which another stage goes on with the same track ids."""
+    cfg = PipelineConfig(name="handover", sources=[SourceConfig(name="door", uri="a.mp4")], queries=[])
+    image = np.zeros((720, 1280, 3), np.uint8)  # a real-sized frame: it must not travel
+    frames = [Frame("door", i, i / FPS, image, wall_time=1_764_000_000.0 + i / FPS) for i in range(20)]
+    query = Query("vest", "the vest")
+    published: list[Any] = [[], []]
+    first = TrackingStage(cfg, publish=published[0].append, model_name=lambda: "replay")
+    _stage_run(first, frames, query, 0, 5)
+    data = first.export_camera("door")
+    assert len(data) < 16_000, len(data)
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:  # loads without pickle
+        assert json.loads(archive["header"].tobytes())["format"] == "streamvg.trackstate/v1"
+
+    second = TrackingStage(cfg, publish=published[1].append, model_name=lambda: "replay")
+    second.import_camera("door", data)
+    mark = len(published[0])
+    _stage_run(first, frames, query, 5, 10)
+    _stage_run(second, frames, query, 5, 10)
+    first.finish_all()
+    second.finish_all()
+    tail_a = [(e.kind, e.track_id, e.t, e.frame_index, e.wall_time) for e in published[0][mark:]]
+    tail_b = [(e.kind, e.track_id, e.t, e.frame_index, e.wall_time) for e in published[1]]
+    assert tail_a == tail_b
+    assert {e.track_id for e in published[1] if e.kind.startswith("track")} == {0}
+    assert tail_b[-1][0] == "track_end"
+
+    for bad in (b"not a state", pickle.dumps({("door", "vest"): "x"}), data[: len(data) // 2]):
+        with pytest.raises(TrackingError, match="saved tracker state of camera 'door' is unreadable"):
+            TrackingStage(cfg, publish=lambda e: None, model_name=lambda: "m").import_camera("door", bad)

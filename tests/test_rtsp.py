@@ -102,7 +102,7 @@ def test_wrong_password_is_one_clear_sentence(server: RtspStreamServer, caplog: 
     finally:
         src.close()
     assert not consumer.frames
-    down = [s for s in statuses if s.state == "down"][0]
+    down = next(s for s in statuses if s.state == "down")
     assert down.detail.startswith(
         "the camera refused the username or password (401 Unauthorized); check the credentials in the URL"
     )

@@ -3,6 +3,7 @@ one worker killed mid-run; every window grounded, track ids consistent across ha
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -89,7 +90,7 @@ def test_ingest_and_two_ground_workers_survive_a_killed_worker(tmp_path: Path) -
 
             wait_until(drained, timeout=90, what="all windows grounded after the hand-over")
             survivor.send_signal(signal.SIGTERM)
-            s_out, s_err = survivor.communicate(timeout=30)
+            _s_out, s_err = survivor.communicate(timeout=30)
             assert survivor.returncode == 0, s_err
         finally:
             for p in procs:
@@ -105,7 +106,7 @@ def test_ingest_and_two_ground_workers_survive_a_killed_worker(tmp_path: Path) -
             assert len(frames) == len(set(frames))
             assert sorted(f[0] for f in frames) == sorted({f[0] for f in frames})
             starts = sorted(t for _i, t in frames)
-            assert starts[0] == 0.0 and all(b - a < 0.21 for a, b in zip(starts, starts[1:], strict=False))
+            assert starts[0] == 0.0 and all(b - a < 0.21 for a, b in itertools.pairwise(starts))
             times = {round(t, 4) for _i, t in frames}
             score = idf1(ground_truth_tracks(gt, cam, [label], times), tracked_boxes(events, cam, "q"))
             assert score >= 0.9, f"{cam}: IDF1 {score:.3f} across the hand-over"

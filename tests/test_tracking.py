@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import pickle
+import json
 
 import numpy as np
 import pytest
@@ -218,14 +218,38 @@ def test_ids_are_per_instance_and_reset_restarts_them() -> None:
     assert a.update(boxes(person(100, 100)), 0.0).track_id.tolist() == [0]
 
 
-def test_state_survives_pickling() -> None:
-    # Scale-out workers hand a camera's tracker over by pickling it.
+def test_state_round_trip_continues_exactly_like_the_original() -> None:
+    # Scale-out workers hand a camera's trackers over as plain arrays + JSON (no pickle).
+    trk = Tracker(max_lost_s=3.0)
+    for k in range(4):  # a confirmed track, a tentative one, a pending event
+        trk.update(boxes(person(100 + 50 * k, 100), *([person(600, 300)] if k == 3 else [])), 0.5 * k)
+    meta, arrays = trk.state()
+    assert json.loads(json.dumps(meta)) == meta
+    assert all(isinstance(a, np.ndarray) and a.dtype != object for a in arrays.values())
+    copy = Tracker.from_state(meta, {k: a.copy() for k, a in arrays.items()})
+    assert copy.config == trk.config and copy.t == trk.t
+    assert [(e.kind, e.track_id) for e in copy.pop_events()] == [(e.kind, e.track_id) for e in trk.pop_events()]
+    rng = np.random.default_rng(3)
+    for k in range(4, 12):  # same inputs afterwards -> same outputs and events
+        dets = boxes(person(100 + 50 * k + rng.normal(0, 3), 100), person(600 + 20 * k, 300 + 5 * k), score=0.8)
+        if k == 7:
+            dets = Detections.empty()
+        a, b = trk.update(dets, 0.5 * k), copy.update(dets, 0.5 * k)
+        assert a.track_id.tolist() == b.track_id.tolist() and np.array_equal(a.xyxy, b.xyxy)
+        assert [(e.kind, e.track_id, e.t) for e in trk.pop_events()] == [(e.kind, e.track_id, e.t) for e in copy.pop_events()]
+    assert {tr.track_id for tr in copy.tracks} == {0, 1}
+
+
+def test_malformed_state_is_rejected_clearly() -> None:
     trk = Tracker()
-    for k in range(3):
-        trk.update(boxes(person(100 + 50 * k, 100)), 0.5 * k)
-    copy = pickle.loads(pickle.dumps(trk))
-    out = copy.update(boxes(person(250, 100)), 1.5)
-    assert out.track_id.tolist() == trk.update(boxes(person(250, 100)), 1.5).track_id.tolist() == [0]
+    trk.update(boxes(person(100, 100)), 0.0)
+    meta, arrays = trk.state()
+    with pytest.raises(TrackingError, match="saved tracker state is incomplete or malformed"):
+        Tracker.from_state(meta, {k: a for k, a in arrays.items() if k != "cov"})
+    with pytest.raises(TrackingError, match="mean has shape"):
+        Tracker.from_state(meta, {**arrays, "mean": arrays["mean"][:, :4]})
+    with pytest.raises(TrackingError, match="unknown event kind"):
+        Tracker.from_state({**meta, "events": [["teleported", 0, 0.0, 0.9]]}, arrays)
 
 
 def test_kalman_prediction_is_bounded_over_long_gaps() -> None:

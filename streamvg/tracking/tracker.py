@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from numpy.typing import NDArray
@@ -43,11 +43,26 @@ __all__ = ["Track", "TrackEvent", "Tracker", "TrackerInputError", "TrackingError
 
 TrackEventKind = Literal["started", "updated", "lost", "ended"]
 TrackState = Literal["tentative", "tracked", "lost"]
+_EVENT_KINDS: tuple[str, ...] = get_args(TrackEventKind)
 I64 = NDArray[np.int64]
 F64 = NDArray[np.float64]
 
 _FORBIDDEN = 1e9
 _TENTATIVE_MISSES = 1  # missed updates a tentative track survives
+# Per-track arrays (one row per track) and their dtypes: the whole state besides `_t`,
+# `_next_id` and pending events. `Tracker.state` / `from_state` carry exactly these.
+_TRACK_ARRAYS: dict[str, tuple[type, tuple[int, ...]]] = {
+    "mean": (np.float64, (8,)),
+    "cov": (np.float64, (3, 4)),
+    "id": (np.int64, ()),
+    "hits": (np.int64, ()),
+    "first_t": (np.float64, ()),
+    "last_t": (np.float64, ()),
+    "score": (np.float64, ()),
+    "box": (np.float64, (4,)),
+    "lost": (np.bool_, ()),
+    "misses": (np.int64, ()),
+}
 
 
 TrackerInputError = TrackingError  # the name this module raised before `streamvg.errors` had it
@@ -198,6 +213,48 @@ class Tracker:
         self._t: float | None = None
         self._events: list[TrackEvent] = []
         self._next_id = 0
+
+    def state(self) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
+        """The whole tracker as JSON-safe values and plain numpy arrays (no pickle), so a
+        camera's tracks can move to another process (scale-out hand-over) and go on with
+        the same ids; `Tracker.from_state` rebuilds it."""
+        meta = {
+            "config": self.config.model_dump(mode="json"),
+            "t": self._t,
+            "next_id": self._next_id,
+            "events": [[e.kind, int(e.track_id), float(e.t), float(e.score)] for e in self._events],
+        }
+        arrays: dict[str, NDArray[Any]] = {name: getattr(self, "_" + name) for name in _TRACK_ARRAYS}
+        arrays["event_xyxy"] = np.array([e.xyxy for e in self._events], np.float32).reshape(-1, 4)
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict[str, Any], arrays: dict[str, NDArray[Any]]) -> Tracker:
+        """Rebuild a tracker saved by `state()`.
+
+        Raises:
+            TrackingError: the state is incomplete or its arrays have the wrong shapes.
+        """
+        try:
+            trk = cls(TrackerConfig.model_validate(meta["config"]))
+            n = len(arrays["id"])
+            for name, (dtype, shape) in _TRACK_ARRAYS.items():
+                a = np.asarray(arrays[name])
+                if a.shape != (n, *shape) or not np.can_cast(a.dtype, dtype, "same_kind"):
+                    raise ValueError(f"{name} has shape {a.shape} and dtype {a.dtype}, expected {(n, *shape)} {np.dtype(dtype)}")
+                setattr(trk, "_" + name, a.astype(dtype, copy=True))
+            trk._t = None if meta["t"] is None else float(meta["t"])
+            trk._next_id = int(meta["next_id"])
+            xyxy = np.asarray(arrays["event_xyxy"], np.float32).reshape(-1, 4)
+            if any(e[0] not in _EVENT_KINDS for e in meta["events"]):
+                raise ValueError(f"unknown event kind in {meta['events']!r}")
+            trk._events = [
+                TrackEvent(kind, int(tid), float(t), xyxy[i].copy(), float(sc))
+                for i, (kind, tid, t, sc) in enumerate(meta["events"])
+            ]
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise TrackingError(f"saved tracker state is incomplete or malformed ({exc}); start a new Tracker") from None
+        return trk
 
     @property
     def t(self) -> float | None:
