@@ -29,13 +29,21 @@ class _CVConnection(_Connection):
     def frames(self) -> Iterator[tuple[float | None, Any]]:
         import cv2
 
-        t0 = time.monotonic()
+        # Media time from the device's own clock (POS_MSEC) relative to its first frame;
+        # devices without one report 0 (or a constant), and then the arrival time counts.
+        first_ms: float | None = None
+        t0 = 0.0
         while True:
             ok, img = self.cap.read()
             if not ok or img is None:
                 return
+            now = time.monotonic()
             ms = float(self.cap.get(cv2.CAP_PROP_POS_MSEC) or 0.0)
-            yield (ms / 1000.0 if ms > 0 else time.monotonic() - t0), img
+            if first_ms is None:
+                first_ms, t0 = ms, now
+                yield 0.0, img
+            else:
+                yield ((ms - first_ms) / 1000.0 if ms > first_ms else now - t0), img
 
     def close(self) -> None:
         self.cap.release()
