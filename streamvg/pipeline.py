@@ -448,8 +448,10 @@ class TrackingStage:
                         (camera, str(e["query_id"])),
                         Tracker.from_state(e["tracker"], arrays),
                         None if e["last_fed"] is None else float(e["last_fed"]),
-                        None if f is None else _FrameInfo(f["camera"], int(f["index"]), float(f["pts"]),
-                                                          (int(f["size"][0]), int(f["size"][1])), f["wall_time"]),
+                        None if f is None else _FrameInfo(
+                            str(f["camera"]), int(f["index"]), float(f["pts"]), (int(f["size"][0]), int(f["size"][1])),
+                            None if f["wall_time"] is None else float(f["wall_time"]),
+                        ),
                         None if q is None else Query(**q),
                     ))
         except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as exc:
