@@ -224,6 +224,9 @@ def test_state_round_trip_continues_exactly_like_the_original() -> None:
     for k in range(4):  # a confirmed track, a tentative one, a pending event
         trk.update(boxes(person(100 + 50 * k, 100), *([person(600, 300)] if k == 3 else [])), 0.5 * k)
     meta, arrays = trk.state()
+    # Every per-track array the tracker keeps travels (a new one must be added to the state).
+    kept = {k.lstrip("_") for k, v in vars(trk).items() if isinstance(v, np.ndarray)}
+    assert kept == set(arrays) - {"event_xyxy"}
     assert json.loads(json.dumps(meta)) == meta
     assert all(isinstance(a, np.ndarray) and a.dtype != object for a in arrays.values())
     copy = Tracker.from_state(meta, {k: a.copy() for k, a in arrays.items()})
