@@ -302,7 +302,7 @@ class GroundWorker:
         windows = [decode_window(f) for _eid, f in entries]
         requests = [(w, q) for w in windows for q in self.queries]
         bs = self.config.engine.batch_size
-        from streamvg.pipeline import _query_from_config
+        from streamvg.pipeline import query_from_config as _query_from_config
 
         reqs = [(w, _query_from_config(q)) for w, q in requests]
         failed: list[Window] = []

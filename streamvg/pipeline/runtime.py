@@ -1,0 +1,523 @@
+"""The pipeline runtime: sources → windows → grounding engine → trackers → sinks.
+
+```
+ camera thread ×N ──windows──▶ WindowQueue ──▶ engine thread ──▶ trackers ──▶ sinks
+ (decode, sample,   (bounded; live: freshest,   (batches windows     (one per     (Redis /
+  make windows)      files: back-pressure)       × queries)          camera,query) JSONL)
+```
+
+Decoding runs on one thread per camera so a slow or dead camera never stalls another;
+the engine runs on one thread and batches whatever windows are ready (up to
+`engine.batch_size` requests, waiting at most `batch_wait_s` for more), across cameras
+and queries. Live cameras keep only their freshest windows when the engine falls behind
+(stale windows are dropped and counted), files are processed completely (the camera
+thread blocks instead). Standing queries can be added and removed while it runs,
+through `add_query` / `remove_query` or the Redis control stream
+`streamvg:{pipeline}:control` (`send_query_command`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from streamvg.config import PipelineConfig, QueryConfig
+from streamvg.errors import StreamVGError
+from streamvg.events import Event
+from streamvg.grounding import Grounding, GroundingEngine, create_engine
+from streamvg.pipeline.control import ControlFollower, query_from_config
+from streamvg.pipeline.engine_stage import GroundingFailures, ground_in_chunks
+from streamvg.pipeline.metrics import PipelineMetrics
+from streamvg.pipeline.queue import WindowQueue
+from streamvg.pipeline.tracking_stage import Segment, TrackingStage
+from streamvg.redaction import mask_text, mask_url
+from streamvg.sinks import JsonlSink, RedisSink
+from streamvg.sources import SourceStatus, is_live, open_source
+from streamvg.types import Frame, Query, Window
+from streamvg.windows import MultiCameraWindows, windows
+
+__all__ = ["CameraState", "Pipeline", "RunSummary", "Sink", "default_sinks"]
+
+log = logging.getLogger("streamvg.pipeline")
+
+
+class Sink(Protocol):
+    def publish(self, event: Event) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class CameraState:
+    """What the terminal view and metrics show for one camera."""
+
+    name: str
+    uri: str
+    live: bool
+    state: str = "starting"
+    detail: str = ""
+    frames_in: int = 0
+    frames_dropped: int = 0
+    windows_made: int = 0
+    windows_dropped: int = 0
+    windows_grounded: int = 0
+    windows_failed: int = 0
+    last_latency_ms: float | None = None
+    duration_s: float | None = None
+    last_pts: float = 0.0
+    reconnects: int = 0
+
+
+@dataclass
+
+class RunSummary:
+    """What a finished run did."""
+
+    windows_grounded: int
+    events_published: int
+    segments: list[Segment]
+    cameras: dict[str, CameraState]
+    interrupted: bool
+    elapsed_s: float
+    unparseable_answers: int
+    windows_failed: int = 0
+    error: str | None = None  # why the run stopped early (the engine kept failing), else None
+
+
+
+class Pipeline:
+    """Runs a `PipelineConfig`: one thread per camera, one engine thread, trackers, sinks.
+
+    Args:
+        config: The pipeline file, already validated.
+        engine: A ready engine; by default `create_engine(config.engine)`.
+        sinks: Where events go; by default Redis when `sinks.redis` is set, JSONL when
+            `sinks.jsonl` is set, and a JSONL file `streamvg-events.jsonl` otherwise.
+        collect_segments: Keep a `Segment` per track (offline search).
+        thumbnails_dir: Write one JPEG per segment with its best box drawn.
+        batch_wait_s: How long the engine waits for more windows to fill a batch.
+        metrics_port: Serve Prometheus metrics on this port.
+        on_update: Called (from the engine or a camera thread) whenever progress changes.
+        control: Follow the Redis control stream for query changes (when Redis is set).
+        window_sink: Hand windows to this callable instead of grounding them (the
+            scale-out ingest role puts them on Redis work streams).
+        log_errors: Log cameras that cannot be opened or read and why grounding stopped
+            (off when the caller reports the summary's camera details and `error` itself,
+            as `streamvg search` does).
+    """
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        *,
+        engine: GroundingEngine | None = None,
+        sinks: Sequence[Sink] | None = None,
+        collect_segments: bool = False,
+        thumbnails_dir: str | Path | None = None,
+        batch_wait_s: float = 0.05,
+        metrics_port: int | None = None,
+        on_update: Callable[[Pipeline], None] | None = None,
+        control: bool = True,
+        window_sink: Callable[[list[Window]], None] | None = None,
+        log_errors: bool = True,
+    ) -> None:
+        self.config = config
+        self._error_level = logging.ERROR if log_errors else logging.DEBUG
+        self.window_sink = window_sink
+        self.name = config.name
+        self._engine = engine
+        self._owns_engine = engine is None
+        self._sinks: list[Sink] | None = list(sinks) if sinks is not None else None
+        self._owns_sinks = sinks is None
+        self.collect_segments = collect_segments
+        self.thumbnails_dir = Path(thumbnails_dir) if thumbnails_dir else None
+        self.batch_wait_s = batch_wait_s
+        self.on_update = on_update
+        self._control_enabled = control
+        self.cameras: dict[str, CameraState] = {
+            s.name: CameraState(name=s.name, uri=mask_url(s.uri), live=is_live(s.uri)) for s in config.sources
+        }
+        self._queries: dict[str, Query] = {q.id: query_from_config(q) for q in config.queries}
+        self._queries_lock = threading.Lock()
+        n_cams = max(1, len(config.sources))
+        self._queue = WindowQueue(capacity=max(2 * config.engine.batch_size, 2 * n_cams, 4))
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._sources: dict[str, Any] = {}
+        self._sources_lock = threading.Lock()
+        self._cameras_running = 0
+        self._cameras_running_lock = threading.Lock()
+        self.processor = TrackingStage(
+            config, publish=self._publish, model_name=lambda: self._engine.name if self._engine else "",
+            collect_segments=collect_segments,
+        )
+        self._multi: MultiCameraWindows | None = None
+        self._multi_lock = threading.Lock()
+        self.windows_grounded = 0
+        self.events_published = 0
+        self.unparseable_answers = 0
+        limit = config.engine.max_consecutive_failures
+        if limit is None:
+            limit = 0 if any(c.live for c in self.cameras.values()) else 5
+        self.failures = GroundingFailures(limit or None)
+        self._started_at = 0.0
+        self._done = threading.Event()
+        self._engine_error: BaseException | None = None
+        self.metrics = PipelineMetrics(metrics_port) if metrics_port else None
+
+    # --- queries --------------------------------------------------------------------
+
+    @property
+    def queries(self) -> list[Query]:
+        with self._queries_lock:
+            return list(self._queries.values())
+
+    def add_query(self, query: Query | QueryConfig) -> None:
+        """Start asking `query` of every window from now on (replaces one with the same id)."""
+        q = query_from_config(query)
+        with self._queries_lock:
+            self._queries[q.id] = q
+        log.info("query %s added: %s", q.id, q.text)
+
+    def remove_query(self, query_id: str) -> bool:
+        """Stop asking query `query_id`; its open tracks end. Returns whether it existed."""
+        with self._queries_lock:
+            existed = self._queries.pop(query_id, None) is not None
+        if existed:
+            log.info("query %s removed", query_id)
+            self.processor.finish_query(query_id)
+        return existed
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> Pipeline:
+        """Open the engine and sinks and start the camera and engine threads."""
+        if self._engine is None and self.window_sink is None:
+            self._engine = create_engine(self.config.engine)
+        if self._sinks is None:
+            self._sinks = default_sinks(self.config)
+        if self.metrics:
+            self.metrics.watch_sinks(self._sinks)
+        if self.config.sampling.multi_camera:
+            tol = self.config.sampling.tolerance_s or 0.5 / (self.config.sampling.fps or 25.0)
+            live = any(c.live for c in self.cameras.values())
+            self._multi = MultiCameraWindows(
+                [s.name for s in self.config.sources], tolerance_s=tol, clock="wall" if live else "pts"
+            )
+        self._started_at = time.monotonic()
+        self._cameras_running = len(self.config.sources)
+        for src in self.config.sources:
+            t = threading.Thread(target=self._camera_loop, args=(src.name, src.uri, src.options), name=f"camera-{src.name}", daemon=True)
+            self._threads.append(t)
+        self._threads.append(threading.Thread(target=self._engine_loop, name="engine", daemon=True))
+        if self._control_enabled and self.config.sinks.redis is not None:
+            follower = ControlFollower(
+                self.config.sinks.redis.url, self.name, add=self.add_query, remove=self.remove_query, stop=self._stop
+            )
+            self._threads.append(threading.Thread(target=follower.run, name="control", daemon=True))
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop cameras, let the engine finish its batch, end tracks, flush and close sinks."""
+        self._stop.set()
+        with self._sources_lock:
+            sources = list(self._sources.values())
+        # Close every camera at once: one stuck connecting must not delay the others.
+        closers = [threading.Thread(target=_close_quietly, args=(src,), daemon=True) for src in sources]
+        for t in closers:
+            t.start()
+        for t in closers:
+            t.join(2.5)
+        self._queue.close()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._close_outputs()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every file source is processed (never for live sources unless stopped)."""
+        return self._done.wait(timeout)
+
+    def run(self) -> RunSummary:
+        """Start, wait until all sources end (or Ctrl-C / `stop()`), shut down, summarise."""
+        interrupted = False
+        self.start()
+        try:
+            while not self._done.wait(0.2):
+                if self._stop.is_set():
+                    break
+        except KeyboardInterrupt:
+            interrupted = True
+        self.stop()
+        if self._engine_error is not None and not isinstance(self._engine_error, KeyboardInterrupt):
+            raise self._engine_error
+        return self.summary(interrupted=interrupted or (self._stop.is_set() and not self._done.is_set()))
+
+    def summary(self, *, interrupted: bool = False) -> RunSummary:
+        return RunSummary(
+            windows_grounded=self.windows_grounded,
+            events_published=self.events_published,
+            segments=self.segments(),
+            cameras=dict(self.cameras),
+            interrupted=interrupted,
+            elapsed_s=time.monotonic() - self._started_at if self._started_at else 0.0,
+            unparseable_answers=self.unparseable_answers,
+            windows_failed=self.failures.total,
+            error=mask_text(str(self._engine_error)) if self._engine_error is not None
+            and not isinstance(self._engine_error, KeyboardInterrupt) else None,
+        )
+
+    def segments(self) -> list[Segment]:
+        return self.processor.segments()
+
+    def __enter__(self) -> Pipeline:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- camera threads -------------------------------------------------------------
+
+    def _on_status(self, status: SourceStatus) -> None:
+        cam = self.cameras.get(status.camera)
+        if cam is None:
+            return
+        if status.state == "up" and cam.state in ("down", "stalled"):
+            cam.reconnects += 1
+        cam.state = status.state
+        cam.detail = mask_text(status.detail)
+        self._publish(Event.source_status(
+            pipeline=self.name, camera=status.camera, state=status.state,
+            detail=cam.detail, wall_time=status.wall_time,
+        ))
+        if self.metrics:
+            self.metrics.camera_up.labels(status.camera).set(1 if status.state == "up" else 0)
+        self._notify()
+
+    def _camera_loop(self, name: str, uri: str, options: dict[str, Any]) -> None:
+        cam = self.cameras[name]
+        s = self.config.sampling
+        try:
+            src = open_source(
+                uri, fps=s.fps, snap=s.snap, tolerance_s=s.tolerance_s, camera=name,
+                on_status=self._on_status, **options,
+            )
+        except StreamVGError as exc:
+            cam.state, cam.detail = "failed", mask_text(str(exc))
+            log.log(self._error_level, "camera %s: %s", name, cam.detail)
+            self._camera_finished(name)
+            return
+        with self._sources_lock:
+            self._sources[name] = src
+        info = getattr(src, "info", None)
+        cam.duration_s = getattr(info, "duration_s", None)
+        if cam.state == "starting":
+            cam.state = "up"
+        try:
+            frames = self._count_frames(name, src)
+            if self._multi is not None:
+                for frame in frames:
+                    with self._multi_lock:
+                        ready = self._multi.push(frame)
+                    for w in ready:
+                        self._enqueue(name, w)
+            else:
+                for w in windows(frames, s.window_size, s.stride):
+                    if not self._enqueue(name, w):
+                        break
+        except StreamVGError as exc:
+            cam.state, cam.detail = "failed", mask_text(str(exc))
+            log.log(self._error_level, "camera %s: %s", name, cam.detail)
+        except Exception as exc:
+            if not self._stop.is_set():
+                cam.state, cam.detail = "failed", mask_text(str(exc))
+                log.exception("camera %s stopped unexpectedly", name)
+        finally:
+            stats = getattr(src, "stats", None)
+            if stats is not None:
+                cam.frames_dropped = int(getattr(stats, "frames_dropped", 0))
+            if cam.state not in ("failed",):
+                cam.state = "ended" if not self._stop.is_set() else "stopped"
+            try:
+                src.close()
+            except Exception:
+                log.debug("closing camera %s failed", name, exc_info=True)
+            self._camera_finished(name)
+
+    def _count_frames(self, name: str, frames: Iterable[Frame]) -> Iterable[Frame]:
+        cam = self.cameras[name]
+        for frame in frames:
+            if self._stop.is_set():
+                return
+            cam.frames_in += 1
+            cam.last_pts = frame.pts
+            if self.metrics:
+                self.metrics.frames_in.labels(name).inc()
+            yield frame
+        if self._multi is not None:
+            # This camera ended: groups that waited only for it can go now.
+            with self._multi_lock:
+                ready = self._multi.flush(name)
+            for w in ready:
+                self._enqueue(name, w)
+
+    def _enqueue(self, name: str, window: Window) -> bool:
+        cam = self.cameras[name]
+        cam.windows_made += 1
+        dropped = self._queue.put(window, live=cam.live, stop=self._stop)
+        if dropped is not None:
+            dcam = self.cameras.get(dropped.frames[0].camera, cam)
+            dcam.windows_dropped += 1
+            if self.metrics:
+                self.metrics.windows_dropped.labels(dcam.name).inc()
+        self._notify()
+        return not self._stop.is_set()
+
+    def _camera_finished(self, name: str) -> None:
+        with self._cameras_running_lock:
+            self._cameras_running -= 1
+            last = self._cameras_running == 0
+        if last:
+            self._queue.close()
+        self._notify()
+
+    # --- engine thread --------------------------------------------------------------
+
+    def _engine_loop(self) -> None:
+        batch_size = self.config.engine.batch_size
+        try:
+            while True:
+                queries = self.queries
+                max_windows = max(1, batch_size // max(1, len(queries)))
+                batch = self._queue.get_batch(max_windows, wait_s=self.batch_wait_s, timeout=0.2)
+                if not batch:
+                    if self._queue.closed and len(self._queue) == 0:
+                        break
+                    continue
+                if self.window_sink is not None:
+                    self.window_sink(batch)
+                    self._count_grounded(batch)
+                    continue
+                if not queries:
+                    continue
+                assert self._engine is not None
+                requests = [(w, q) for w in batch for q in queries]
+                failed: set[int] = set()  # ids of windows whose grounding failed
+                for chunk, groundings, elapsed in ground_in_chunks(
+                    self._engine, requests, batch_size, self.failures, functools.partial(self._count_failed, failed)
+                ):
+                    if self.metrics:
+                        self.metrics.engine_latency.observe(elapsed)
+                    for (w, q), g in zip(chunk, groundings, strict=True):
+                        self._handle(w, q, g, elapsed * 1000.0 / len(chunk))
+                self._count_grounded([w for w in batch if id(w) not in failed])
+            self.processor.finish_all()
+        except BaseException as exc:
+            self._engine_error = exc
+            log.log(self._error_level, "grounding stopped: %s", mask_text(str(exc)))
+            self._stop.set()
+        finally:
+            self._done.set()
+            self._notify()
+
+    def _count_failed(self, failed: set[int], window: Window) -> None:
+        failed.add(id(window))
+        cam = self.cameras.get(window.frames[0].camera)
+        if cam is not None:
+            cam.windows_failed += 1
+        if self.metrics:
+            self.metrics.windows_failed.labels(window.frames[0].camera).inc()
+
+    def _count_grounded(self, batch: list[Window]) -> None:
+        for w in batch:
+            cam = self.cameras.get(w.frames[0].camera)
+            if cam is not None:
+                cam.windows_grounded += 1
+            self.windows_grounded += 1
+            if self.metrics:
+                self.metrics.windows_grounded.labels(w.frames[0].camera).inc()
+        self._notify()
+
+    def _handle(self, window: Window, query: Query, g: Grounding, latency_ms: float) -> None:
+        if not g.parse_ok:
+            self.unparseable_answers += 1
+        self.processor.process(window, query, g, latency_ms)
+        cam0 = self.cameras.get(window.frames[0].camera)
+        if cam0 is not None:
+            cam0.last_latency_ms = latency_ms
+
+    # --- outputs --------------------------------------------------------------------
+
+    def _publish(self, event: Event) -> None:
+        for sink in self._sinks or ():
+            sink.publish(event)
+        self.events_published += 1
+        if self.metrics:
+            self.metrics.events.labels(event.kind).inc()
+
+    def _close_outputs(self) -> None:
+        if self.thumbnails_dir is not None:
+            self._write_thumbnails()
+        for sink in self._sinks or ():
+            try:
+                sink.flush()
+            finally:
+                if self._owns_sinks:
+                    sink.close()
+        if self._owns_engine and self._engine is not None:
+            self._engine.close()
+        if self.metrics:
+            self.metrics.close()
+
+    def _write_thumbnails(self) -> None:
+        import cv2
+
+        assert self.thumbnails_dir is not None
+        self.thumbnails_dir.mkdir(parents=True, exist_ok=True)
+        for seg in self.processor.segments():
+            if seg.best_frame is None or seg.thumbnail:
+                continue
+            img = cv2.cvtColor(seg.best_frame, cv2.COLOR_RGB2BGR)
+            x1, y1, x2, y2 = (round(v) for v in seg.best_xyxy)
+            cv2.rectangle(img, (x1, y1), (x2, y2), (0, 255, 255), 2)
+            label = f"{seg.query_id} #{seg.track_id} {seg.best_score:.2f}"
+            cv2.putText(img, label, (x1, max(12, y1 - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 255, 255), 1, cv2.LINE_AA)
+            path = self.thumbnails_dir / f"{seg.camera}_{seg.query_id}_{seg.track_id}_{seg.best_t:.2f}s.jpg"
+            cv2.imwrite(str(path), img)
+            seg.thumbnail = str(path)
+
+    def _notify(self) -> None:
+        if self.on_update is not None:
+            try:
+                self.on_update(self)
+            except Exception:
+                log.debug("progress callback failed", exc_info=True)
+
+def _close_quietly(src: Any) -> None:
+    try:
+        src.close()
+    except Exception:  # a camera that fails to close must not block shutdown
+        log.debug("closing a source failed", exc_info=True)
+
+
+def default_sinks(config: PipelineConfig) -> list[Sink]:
+    """Redis when configured, JSONL when configured, JSONL `streamvg-events.jsonl` otherwise."""
+    sinks: list[Sink] = []
+    r = config.sinks.redis
+    if r is not None:
+        sinks.append(RedisSink(r.url, config.name, maxlen=r.maxlen, spool_dir=r.spool_dir, stream=r.stream, spool_max_bytes=r.spool_max_bytes))
+    if config.sinks.jsonl is not None:
+        sinks.append(JsonlSink(config.sinks.jsonl.path))
+    if not sinks:
+        sinks.append(JsonlSink("streamvg-events.jsonl"))
+    return sinks
+
+

@@ -1,0 +1,301 @@
+"""Grounding answers → per-(camera, query) trackers → events and search segments.
+
+Shared by the all-in-one `Pipeline` and the scale-out ground workers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, cast
+
+import numpy as np
+
+from streamvg.config import PipelineConfig
+from streamvg.errors import TrackingError
+from streamvg.events import Event
+from streamvg.grounding import Grounding
+from streamvg.redaction import mask_url
+from streamvg.tracking import Tracker
+from streamvg.types import Detections, Frame, Query, Window
+
+__all__ = ["Segment", "TrackingStage"]
+
+log = logging.getLogger("streamvg.pipeline")
+
+
+@dataclass
+class Segment:
+    """One appearance of a tracked object: a track of one query in one video/camera.
+
+    Times are media seconds. `best_*` describe the highest-scoring box of the track.
+    """
+
+    camera: str
+    video: str
+    query_id: str
+    query: str
+    track_id: int
+    start_s: float
+    end_s: float
+    best_t: float
+    best_xyxy: list[float]
+    best_score: float
+    hits: int = 1
+    thumbnail: str | None = None
+    best_frame: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "video": self.video,
+            "camera": self.camera,
+            "query_id": self.query_id,
+            "query": self.query,
+            "track_id": self.track_id,
+            "start_s": round(self.start_s, 3),
+            "end_s": round(self.end_s, 3),
+            "best_t": round(self.best_t, 3),
+            "best_xyxy": [round(v, 1) for v in self.best_xyxy],
+            "best_score": round(self.best_score, 4),
+            "hits": self.hits,
+            "thumbnail": self.thumbnail,
+        }
+
+
+_TRACKSTATE_FORMAT = "streamvg.trackstate/v1"
+
+
+@dataclass(frozen=True)
+class _FrameInfo:
+    """What track events need of a frame (its picture stays out of tracker state)."""
+
+    camera: str
+    index: int
+    pts: float
+    size: tuple[int, int]
+    wall_time: float | None
+
+
+class TrackingStage:
+    """Grounding answers → per-(camera, query) trackers → events (and search segments).
+
+    Shared by the all-in-one `Pipeline` and the scale-out ground workers. Frames that
+    overlapping windows share are fed to the tracker and published once: the first
+    window that contains a frame decides its boxes.
+    """
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        *,
+        publish: Callable[[Event], None],
+        model_name: Callable[[], str],
+        collect_segments: bool = False,
+    ) -> None:
+        self.config = config
+        self.pipeline = config.name
+        self._publish = publish
+        self._model_name = model_name
+        self.collect_segments = collect_segments
+        self._videos = {s.name: mask_url(s.uri) for s in config.sources}
+        self._trackers: dict[tuple[str, str], Tracker] = {}
+        self._last_fed: dict[tuple[str, str], float] = {}
+        self._last_frame: dict[tuple[str, str], _FrameInfo] = {}
+        self._queries: dict[tuple[str, str], Query] = {}
+        self._segments: dict[tuple[str, str, int], Segment] = {}
+        self._lock = threading.RLock()
+
+    def process(self, window: Window, query: Query, g: Grounding, latency_ms: float | None) -> None:
+        """Publish the window's new frames' groundings and feed them to the trackers."""
+        dets = g.detections
+        if query.min_score > 0 and len(dets):
+            dets = dets[dets.score >= query.min_score]
+        order = sorted(range(len(window.frames)), key=lambda k: window.frames[k].pts)
+        with self._lock:
+            for k in order:
+                frame = window.frames[k]
+                key = (frame.camera, query.id)
+                last = self._last_fed.get(key)
+                if last is not None and frame.pts <= last:
+                    # Already fed through an overlapping window. Sources keep media time
+                    # non-decreasing, across live reconnects too, so nothing is skipped.
+                    continue
+                frame_dets = dets[dets.image_index == k] if len(dets) else dets
+                self._publish(Event.grounding(
+                    pipeline=self.pipeline, camera=frame.camera, query_id=query.id, query=query.text, t=frame.pts,
+                    frame_index=frame.index, frame_size=frame.size, detections=frame_dets, model=g.model,
+                    wall_time=frame.wall_time, latency_ms=None if frame.wall_time is not None else latency_ms,
+                ))
+                tracker = self._trackers.get(key)
+                if tracker is None:
+                    tracker = self._trackers[key] = Tracker(self.config.tracker)
+                self._queries[key] = query
+                tracked = tracker.update(
+                    Detections(frame_dets.xyxy, frame_dets.score, np.zeros(len(frame_dets), np.int64)), frame.pts
+                )
+                self._last_fed[key] = frame.pts
+                info = self._last_frame[key] = _FrameInfo(
+                    frame.camera, frame.index, frame.pts, frame.size, frame.wall_time
+                )
+                self._publish_track_events(tracker, info, query, g.model, k)
+                if self.collect_segments and len(tracked):
+                    self._update_segments(frame, query, tracked, tracker)
+
+    def _publish_track_events(
+        self, tracker: Tracker, frame: _FrameInfo, query: Query, model: str, image_index: int
+    ) -> None:
+        for ev in tracker.pop_events():
+            if ev.kind == "lost":
+                continue  # internal: the track either comes back (update) or ends
+            self._publish(Event.track(
+                ev.kind, pipeline=self.pipeline, camera=frame.camera, query_id=query.id, query=query.text,
+                track_id=int(ev.track_id), t=float(ev.t), xyxy=ev.xyxy, score=float(ev.score),
+                frame_index=frame.index if ev.t == frame.pts else None,
+                frame_size=frame.size, image_index=image_index, model=model, wall_time=frame.wall_time,
+            ))
+
+    def finish(self, key: tuple[str, str]) -> None:
+        """End every track of (camera, query) and publish their `track_end`."""
+        with self._lock:
+            tracker = self._trackers.pop(key, None)
+            frame = self._last_frame.pop(key, None)
+            t = self._last_fed.pop(key, None)
+            query = self._queries.pop(key, None)
+            if tracker is None or t is None:
+                return
+            tracker.finish(t)
+            if frame is not None and query is not None:
+                self._publish_track_events(tracker, frame, query, self._model_name(), 0)
+
+    def finish_query(self, query_id: str) -> None:
+        with self._lock:
+            for key in [k for k in self._trackers if k[1] == query_id]:
+                self.finish(key)
+
+    def finish_all(self) -> None:
+        with self._lock:
+            for key in list(self._trackers):
+                self.finish(key)
+
+    def export_camera(self, camera: str) -> bytes:
+        """The tracker state of one camera (all its queries), for hand-over to another worker.
+
+        An `.npz` archive of plain arrays plus a JSON header (format `streamvg.trackstate/v1`),
+        read back with `allow_pickle=False`: whoever can write to Redis cannot make a worker
+        run code. Frames are kept as metadata only, so the state stays a few KB.
+        """
+        with self._lock:
+            entries: list[dict[str, Any]] = []
+            arrays: dict[str, np.ndarray] = {}
+            for key, tracker in self._trackers.items():
+                if key[0] != camera:
+                    continue
+                meta, tracker_arrays = tracker.state()
+                frame, query = self._last_frame.get(key), self._queries.get(key)
+                arrays.update({f"{len(entries)}.{name}": a for name, a in tracker_arrays.items()})
+                entries.append({
+                    "query_id": key[1],
+                    "tracker": meta,
+                    "last_fed": self._last_fed.get(key),
+                    "frame": None if frame is None else asdict(frame),
+                    "query": None if query is None else asdict(query),
+                })
+        header = json.dumps({"format": _TRACKSTATE_FORMAT, "camera": camera, "entries": entries}).encode()
+        buf = io.BytesIO()
+        arrays["header"] = np.frombuffer(header, np.uint8)
+        np.savez(buf, **cast(dict[str, Any], arrays))  # cast: savez's stubs type ** as its own flags
+        return buf.getvalue()
+
+    def import_camera(self, camera: str, data: bytes) -> None:
+        """Adopt a camera's tracker state saved by `export_camera`.
+
+        Raises:
+            TrackingError: `data` is not such a state (corrupt, or written by another version).
+        """
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+                header = json.loads(archive["header"].tobytes())
+                if header.get("format") != _TRACKSTATE_FORMAT:
+                    raise ValueError(f"format {header.get('format')!r}, expected {_TRACKSTATE_FORMAT!r}")
+                restored = []
+                for i, e in enumerate(header["entries"]):
+                    prefix = f"{i}."
+                    arrays = {k[len(prefix) :]: archive[k] for k in archive.files if k.startswith(prefix)}
+                    f, q = e["frame"], e["query"]
+                    restored.append((
+                        (camera, str(e["query_id"])),
+                        Tracker.from_state(e["tracker"], arrays),
+                        None if e["last_fed"] is None else float(e["last_fed"]),
+                        None if f is None else _FrameInfo(
+                            str(f["camera"]), int(f["index"]), float(f["pts"]), (int(f["size"][0]), int(f["size"][1])),
+                            None if f["wall_time"] is None else float(f["wall_time"]),
+                        ),
+                        None if q is None else Query(**q),
+                    ))
+        except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as exc:
+            raise TrackingError(
+                f"the saved tracker state of camera {camera!r} is unreadable ({exc}); its tracks start afresh"
+            ) from None
+        with self._lock:
+            for key, tracker, last_fed, last_frame, query in restored:
+                self._trackers[key] = tracker
+                if last_fed is not None:
+                    self._last_fed[key] = last_fed
+                if last_frame is not None:
+                    self._last_frame[key] = last_frame
+                if query is not None:
+                    self._queries[key] = query
+
+    def drop_camera(self, camera: str) -> None:
+        """Forget a camera's state without publishing anything (another worker took it)."""
+        with self._lock:
+            for key in [k for k in self._trackers if k[0] == camera]:
+                self._trackers.pop(key, None)
+                self._last_fed.pop(key, None)
+                self._last_frame.pop(key, None)
+                self._queries.pop(key, None)
+
+    def segments(self) -> list[Segment]:
+        with self._lock:
+            return sorted(self._segments.values(), key=lambda s: (s.video, s.query_id, s.start_s, s.track_id))
+
+    def _update_segments(self, frame: Frame, query: Query, tracked: Detections, tracker: Tracker) -> None:
+        first_seen: dict[int, float] | None = None
+        for i in range(len(tracked)):
+            tid = int(tracked.track_id[i])
+            score = float(tracked.score[i])
+            key = (frame.camera, query.id, tid)
+            seg = self._segments.get(key)
+            if seg is None:
+                if first_seen is None:
+                    first_seen = _first_seen_times(tracker)
+                start = first_seen.get(tid, frame.pts)
+                self._segments[key] = Segment(
+                    camera=frame.camera, video=self._videos.get(frame.camera, frame.camera), query_id=query.id,
+                    query=query.text, track_id=tid, start_s=start, end_s=frame.pts, best_t=frame.pts,
+                    best_xyxy=tracked.xyxy[i].tolist(), best_score=score, best_frame=frame.image,
+                )
+            else:
+                seg.end_s = max(seg.end_s, frame.pts)
+                seg.hits += 1
+                if score > seg.best_score:
+                    seg.best_t, seg.best_xyxy, seg.best_score = frame.pts, tracked.xyxy[i].tolist(), score
+                    seg.best_frame = frame.image
+
+
+def _first_seen_times(tracker: Tracker) -> dict[int, float]:
+    """Media time each current track was first detected (before it was confirmed)."""
+    out: dict[int, float] = {}
+    for tr in tracker.tracks:
+        tid = int(getattr(tr, "track_id", -1))
+        t0 = getattr(tr, "first_t", None)
+        if tid >= 0 and t0 is not None:
+            out[tid] = float(t0)
+    return out
+
+
