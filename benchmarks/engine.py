@@ -85,7 +85,7 @@ def run(model: Path, windows: list[Any], *, batch_size: int, cache_bytes: int, n
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen2_vl"])
-    ap.add_argument("--video", type=Path, default=Path("/work/shared/media/bigbuckbunny.mp4"))
+    ap.add_argument("--video", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "media" / "bigbuckbunny.mp4")
     ap.add_argument("--frames", type=int, default=40, help="Frames decoded (N).")
     ap.add_argument("--window", type=int, default=4, help="Frames per window.")
     ap.add_argument("--stride", type=int, default=1, help="Frames the window advances by.")

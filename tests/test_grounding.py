@@ -28,7 +28,7 @@ from streamvg.grounding.replay import ReplayEngine
 from streamvg.grounding.vision import HFVisionEncoder
 from streamvg.types import Frame, Query, Window
 
-MEDIA = Path("/work/shared/media")
+MEDIA = Path(__file__).resolve().parent / "media"  # copies of ../shared/media (see its README)
 FAMILIES = ["qwen2_5_vl", "qwen2_vl"]
 MAX_PIXELS = 112 * 112
 

@@ -19,7 +19,7 @@ from streamvg.errors import ConfigError, SourceNotFoundError, StreamVGError, Uns
 from streamvg.sources import FileSource, SourceStatus, is_live, open_source
 from streamvg.testing.synthetic import write_scene
 
-MEDIA = Path(__file__).resolve().parents[1].parent / "shared" / "media"
+MEDIA = Path(__file__).resolve().parent / "media"  # copies of ../shared/media (see its README)
 CLIPS = ["bigbuckbunny.mp4", "carphone.mp4", "cup.mp4"]
 
 
