@@ -16,7 +16,8 @@ overlap and IoU-only trackers (ByteTrack, SORT) break every track. This tracker 
 
 Lifecycle, each transition an event (`pop_events`): tentative → confirmed (`started`) →
 matched again (`updated`) / missed (`lost`, once) → found again (`updated`) or gone for more
-than `max_lost_s` (`ended`). Tentative tracks that miss two updates in a row vanish without
+than `max_lost_s` (`ended`, checked before each update associates, so no box after a longer
+gap takes an old id, however far the filter's gate has grown). Tentative tracks that miss two updates in a row vanish without
 events.
 
 Track state is columnar (one numpy row per track), and `track_id` is written through index
@@ -303,6 +304,10 @@ class Tracker:
         """
         t = self._check_time(t)
         dets = self._check_detections(detections)
+        # Tracks unseen for longer than max_lost_s end before association: after a long
+        # gap (a camera outage, a paused stream) a lost track's gate has grown to cover
+        # the frame, and any box would otherwise take its old id.
+        self._end(t - self._last_t > self.config.max_lost_s)
         dt = 0.0 if self._t is None else t - self._t
         self._t = t
         self._mean, self._cov = self._kf.predict(self._mean, self._cov, dt)
