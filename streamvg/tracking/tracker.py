@@ -212,6 +212,7 @@ class Tracker:
         self._lost = np.zeros(0, bool)
         self._misses: I64 = np.zeros(0, np.int64)  # consecutive missed updates
         self._t: float | None = None
+        self._dt: float | None = None  # the last positive interval between updates
         self._events: list[TrackEvent] = []
         self._next_id = 0
 
@@ -222,6 +223,7 @@ class Tracker:
         meta = {
             "config": self.config.model_dump(mode="json"),
             "t": self._t,
+            "dt": self._dt,
             "next_id": self._next_id,
             "events": [[e.kind, int(e.track_id), float(e.t), float(e.score)] for e in self._events],
         }
@@ -245,6 +247,7 @@ class Tracker:
                     raise ValueError(f"{name} has shape {a.shape} and dtype {a.dtype}, expected {(n, *shape)} {np.dtype(dtype)}")
                 setattr(trk, "_" + name, a.astype(dtype, copy=True))
             trk._t = None if meta["t"] is None else float(meta["t"])
+            trk._dt = None if meta.get("dt") is None else float(meta["dt"])  # absent in older states
             trk._next_id = int(meta["next_id"])
             xyxy = np.asarray(arrays["event_xyxy"], np.float32).reshape(-1, 4)
             if any(e[0] not in _EVENT_KINDS for e in meta["events"]):
@@ -310,6 +313,8 @@ class Tracker:
         self._end(t - self._last_t > self.config.max_lost_s)
         dt = 0.0 if self._t is None else t - self._t
         self._t = t
+        if dt > 0:
+            self._dt = dt
         self._mean, self._cov = self._kf.predict(self._mean, self._cov, dt)
 
         c = self.config
@@ -448,7 +453,7 @@ class Tracker:
         c = self.config
         matched = np.zeros(len(self._id), bool)
         matched[rows] = True
-        confirm = (self._id[rows] < 0) & (self._hits[rows] >= c.min_confirm_hits)
+        confirm = (self._id[rows] < 0) & (self._hits[rows] >= self._hits_to_confirm())
         n_new = int(confirm.sum())
         self._id[rows[confirm]] = np.arange(self._next_id, self._next_id + n_new)
         self._next_id += n_new
@@ -475,6 +480,16 @@ class Tracker:
         gone = ~matched & (((self._id < 0) & (self._misses > _TENTATIVE_MISSES)) | (t - self._last_t > c.max_lost_s))
         self._end(gone)
         return out_rows, out_ids
+
+    def _hits_to_confirm(self) -> int:
+        """Hits a new track needs: `min_confirm_hits`, fewer when updates are sparse.
+
+        As many hits as updates fit in `confirm_s` (plus the first), capped by
+        `min_confirm_hits`: two at 25 updates/s with the defaults, one below 10."""
+        c = self.config
+        if self._dt is None or c.confirm_s <= 0:
+            return c.min_confirm_hits
+        return max(1, min(c.min_confirm_hits, 1 + math.floor(c.confirm_s / self._dt + 1e-9)))
 
     def _end(self, gone: NDArray[np.bool_]) -> None:
         if not gone.any():
