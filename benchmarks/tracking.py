@@ -9,7 +9,7 @@ sizes drawn from the sequence's boxes). True boxes score U(0.5, 1), false ones U
 The same detections, sampled every 1st, 5th and 15th frame (25, 5, 1.7 fps), are fed to
 
 - StreamVG's `Tracker` (defaults) with `t` = media seconds (online, as `monitor` runs it),
-- the offline pass of `streamvg search` ("offline": every box reported, then the offline
+- the offline pass of `streamvg search` ("offline": the same tracker, then the offline
   linker `streamvg.tracking.linker.link_tracks` over the whole sequence), and
 - the reference, Roboflow `trackers` `ByteTrackTracker` (defaults, `frame_rate` set to the
   sampled rate and the media time passed as `timestamp`, its time-aware mode),
@@ -139,11 +139,14 @@ def score(gt: Sequence_, hyp: dict[int, tuple[np.ndarray, np.ndarray]], frames: 
     return float(m["mota"].iloc[0]), float(m["idf1"].iloc[0])
 
 
+TRACKER_KW: dict[str, Any] = {}  # --tracker: settings to try instead of the defaults
+
+
 Runner = Callable[[list[Any], list[float]], tuple[list[tuple[np.ndarray, np.ndarray]], float]]
 
 
 def run_streamvg(inputs: list[Any], times: list[float]) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
-    trk = Tracker()
+    trk = Tracker(**TRACKER_KW)
     out, t0 = [], time.perf_counter()
     for d, t in zip(inputs, times, strict=True):
         r = trk.update(d, t)
@@ -152,9 +155,9 @@ def run_streamvg(inputs: list[Any], times: list[float]) -> tuple[list[tuple[np.n
 
 
 def run_offline(inputs: list[Any], times: list[float]) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
-    """The offline pass of `streamvg search`: every box reported (min_confirm_hits=1),
-    then `link_tracks` over the whole sequence (joins across gaps, drops short chains)."""
-    trk = Tracker(min_confirm_hits=1)
+    """The offline pass of `streamvg search`: the online tracker, then `link_tracks` over
+    the whole sequence (joins across gaps, drops short chains)."""
+    trk = Tracker(**TRACKER_KW)
     rows, t0 = [], time.perf_counter()
     for d, t in zip(inputs, times, strict=True):
         r = trk.update(d, t)
@@ -286,7 +289,9 @@ def main() -> None:
     ap.add_argument("--gt", nargs="*", default=None, help="other MOTChallenge gt.txt files (640x480 assumed unless --size)")
     ap.add_argument("--size", type=int, nargs=2, default=[640, 480])
     ap.add_argument("--heldout", action="store_true", help="run the held-out variants instead")
+    ap.add_argument("--tracker", type=json.loads, default={}, help='tracker settings to try, as JSON: \'{"gate_sigmas": 3.5}\'')
     args = ap.parse_args()
+    TRACKER_KW.update(args.tracker)
 
     data = Path(mm.__file__).parent / "data"
     paths = [Path(p) for p in args.gt] if args.gt else [data / "TUD-Campus" / "gt.txt", data / "TUD-Stadtmitte" / "gt.txt"]

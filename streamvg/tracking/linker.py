@@ -45,6 +45,10 @@ class LinkerConfig:
     Attributes:
         max_gap_s: Longest gap (seconds) a link may bridge; longer joins more occlusions
             but risks joining two objects that passed the same place.
+        min_gap_s: Shortest gap a link may bridge. The online tracker already bridged
+            gaps up to its `max_lost_s` with a tighter gate, so a track that ended and
+            one that began within that time are most often two objects; set it to the
+            tracker's `max_lost_s` to join only what the online pass could not.
         fit_s: Seconds of each tracklet end used to fit its motion; longer smooths noisy
             boxes but follows turns worse.
         position_sigma: Allowed miss of a prediction at zero gap, in box heights (one
@@ -58,7 +62,8 @@ class LinkerConfig:
         min_hits: Chains with fewer boxes are dropped as false (a stray box or two).
     """
 
-    max_gap_s: float = 6.0
+    max_gap_s: float = 10.0
+    min_gap_s: float = 0.0
     fit_s: float = 1.5
     position_sigma: float = 0.35
     sigma_per_s: float = 0.35
@@ -71,6 +76,8 @@ class LinkerConfig:
         for name in ("max_gap_s", "fit_s", "position_sigma", "size_sigma", "max_speed", "max_cost"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"LinkerConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.min_gap_s < 0 or self.min_gap_s >= self.max_gap_s:
+            raise ValueError(f"LinkerConfig.min_gap_s must lie in [0, max_gap_s = {self.max_gap_s}), got {self.min_gap_s}")
         if self.sigma_per_s < 0 or self.min_hits < 1:
             raise ValueError("LinkerConfig.sigma_per_s must be ≥ 0 and min_hits ≥ 1")
 
@@ -159,7 +166,7 @@ def link_tracks(
 
     # Pair costs: tails (rows, A) × heads (cols, B).
     gap = t0[None, :] - t1[:, None]
-    ok = (gap > 1e-9) & (gap <= cfg.max_gap_s)
+    ok = (gap > max(cfg.min_gap_s, 1e-9)) & (gap <= cfg.max_gap_s)
     h = 0.5 * (s1[:, None, 1] + s0[None, :, 1])
     g = np.maximum(gap, 0.0)
     fwd = c1[:, None, :] + v1[:, None, :] * g[..., None] - c0[None, :, :]
