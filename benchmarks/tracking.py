@@ -146,7 +146,7 @@ Runner = Callable[[list[Any], list[float]], tuple[list[tuple[np.ndarray, np.ndar
 
 
 def run_streamvg(inputs: list[Any], times: list[float]) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
-    trk = Tracker(**TRACKER_KW)
+    trk = Tracker(interval_s=times[1] - times[0] if len(times) > 1 else None, **TRACKER_KW)  # the sampler's 1/fps
     out, t0 = [], time.perf_counter()
     for d, t in zip(inputs, times, strict=True):
         r = trk.update(d, t)
@@ -157,7 +157,7 @@ def run_streamvg(inputs: list[Any], times: list[float]) -> tuple[list[tuple[np.n
 def run_offline(inputs: list[Any], times: list[float]) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
     """The offline pass of `streamvg search`: the online tracker, then `link_tracks` over
     the whole sequence (joins across gaps, drops short chains)."""
-    trk = Tracker(**TRACKER_KW)
+    trk = Tracker(interval_s=times[1] - times[0] if len(times) > 1 else None, **TRACKER_KW)
     rows, t0 = [], time.perf_counter()
     for d, t in zip(inputs, times, strict=True):
         r = trk.update(d, t)

@@ -163,6 +163,9 @@ class Tracker:
     Args:
         config: The settings (`streamvg.config.TrackerConfig`; every field documents its
             unit and trade-off). Defaults hold from 1 to 30 updates per second.
+        interval_s: The expected seconds between updates when known beforehand (the
+            sampler's `1 / fps`), so confirmation is right from the first update; later
+            the measured interval is used.
         **overrides: Fields to change from `config` (or the defaults), e.g.
             `Tracker(max_lost_s=5.0)`; validated like the pipeline file.
 
@@ -181,7 +184,7 @@ class Tracker:
         [0]
     """
 
-    def __init__(self, config: TrackerConfig | None = None, **overrides: Any) -> None:
+    def __init__(self, config: TrackerConfig | None = None, *, interval_s: float | None = None, **overrides: Any) -> None:
         base = config if config is not None else TrackerConfig()
         self.config = base.model_copy(update=overrides) if overrides else base
         if overrides:  # model_copy does not validate
@@ -195,6 +198,9 @@ class Tracker:
         )
         self._gate_d2 = c.gate_sigmas**2
         self._next_id = 0
+        if interval_s is not None and not (math.isfinite(interval_s) and interval_s > 0):
+            raise TrackingError(f"interval_s must be positive seconds, got {interval_s!r}")
+        self._interval_s = interval_s
         self.reset()
 
     # --- state ------------------------------------------------------------------------
@@ -212,7 +218,7 @@ class Tracker:
         self._lost = np.zeros(0, bool)
         self._misses: I64 = np.zeros(0, np.int64)  # consecutive missed updates
         self._t: float | None = None
-        self._dt: float | None = None  # the last positive interval between updates
+        self._dt: float | None = self._interval_s  # the last positive interval between updates
         self._events: list[TrackEvent] = []
         self._next_id = 0
 
