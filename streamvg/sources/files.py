@@ -63,6 +63,12 @@ class FileIndex:
         complete: False when the scan stopped early (a truncated or damaged file).
         timed: False for streams without timestamps (raw `.h264` elementary streams): then,
             and only then, frame times are `index / nominal fps`.
+        sequential: For files whose container timestamps cannot be seeked by (see
+            `best_effort_index`): position `i` of `pts` is the decoder's output frame
+            `sequential[i]`; such files are decoded from the start, never seeked. None for
+            ordinary files.
+        output_pts: With `sequential`: the container `pts` of every output frame (None where
+            a frame has none), to check that a decode lines up with the scan.
     """
 
     time_base: Fraction
@@ -71,6 +77,8 @@ class FileIndex:
     expected_frames: int
     complete: bool
     timed: bool = True
+    sequential: list[int] | None = None
+    output_pts: list[int | None] | None = None
 
     def seconds(self, ticks: int) -> float:
         return float(ticks * self.time_base)
@@ -94,6 +102,14 @@ def _translate_open_error(path: str, exc: BaseException) -> SourceError:
     if isinstance(exc, PermissionError):
         return SourceError(f"Video file {path} cannot be read (permission denied); check its permissions.", source=path)
     reason = str(getattr(exc, "strerror", None) or exc) if isinstance(exc, av.FFmpegError) else str(exc)
+    if _mp4_index_missing(path):
+        return UnsupportedSourceError(
+            f"{path} is a truncated MP4 (its index is missing): the recording or copy stopped before "
+            "the 'moov' index, which this file keeps at its end, was written; re-export it from the "
+            "original, or record with -movflags faststart (index first) or "
+            "-movflags frag_keyframe+empty_moov (fragmented, readable when cut).",
+            source=path,
+        )
     hint = "moov atom" in reason.lower() or "end of file" in reason.lower()
     return UnsupportedSourceError(
         f"{path} is not a video file StreamVG can read ({reason.strip() or type(exc).__name__}); "
@@ -101,6 +117,38 @@ def _translate_open_error(path: str, exc: BaseException) -> SourceError:
         + "give an MP4, MKV, MOV, AVI, WebM or MPEG-TS video.",
         source=path,
     )
+
+
+def _mp4_index_missing(path: str) -> bool:
+    """True for an ISO-BMFF file (MP4/MOV: `ftyp`, or QuickTime boxes, first) without a `moov` box.
+
+    Walks the top-level boxes by their size fields only (a few reads, whatever the file's
+    size). A box running past the end of the file, or media data with no index, means the
+    file was cut before the index at its end was written.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            pos, seen = 0, []
+            while pos + 8 <= size and len(seen) < 4096:
+                f.seek(pos)
+                head = f.read(16)
+                n, kind = int.from_bytes(head[:4], "big"), head[4:8]
+                if n == 1 and len(head) >= 16:
+                    n = int.from_bytes(head[8:16], "big")
+                elif n == 0:
+                    n = size - pos  # "to the end of the file"
+                if not seen and kind not in (b"ftyp", b"wide", b"free", b"skip", b"mdat"):
+                    return False
+                seen.append(kind)
+                if kind == b"moov":
+                    return False
+                if n < 8 or pos + n > size:
+                    break  # cut inside this box
+                pos += n
+            return bool(seen) and (b"mdat" in seen or pos < size)
+    except OSError:
+        return False
 
 
 def _open(path: str) -> Any:
