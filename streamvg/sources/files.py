@@ -235,7 +235,8 @@ def scan_file(path: str) -> tuple[FileIndex, dict[str, Any]]:
         depth = int(getattr(cc, "reorder_depth", 0) or 0)
         if timed and timestamps_suspect(decode_order, depth):
             index = best_effort_index(path, expected, complete)
-            duration_s = index.seconds(index.pts[-1] - index.pts[0]) + _frame_s(index)
+            # The header's duration spans one clip of a restarted file; a cut file's is longer.
+            duration_s = max(duration_s or 0.0, index.seconds(index.pts[-1] - index.pts[0]) + _frame_s(index))
         key_gaps = np.diff(np.asarray(index.key_pts, dtype=np.float64)) * float(tb)
         facts = {
             "codec": cc.name,
@@ -283,7 +284,10 @@ def timestamps_suspect(decode_order: list[tuple[int | None, int | None]], depth:
     if dts.size >= 8 and pts.size >= 8:
         dg, pg = np.diff(dts), np.diff(pts)
         steady = dg.min() > 0 and dg.max() <= 1.1 * dg.min()
-        if steady and (pg.min() <= 0 or pg.max() > 1.5 * pg.min()):
+        # Irregular: many gaps far from the usual one (a cut file or one dropped frame
+        # leaves a single long gap, which is no sign of broken pts).
+        odd = np.abs(pg - np.median(pg)) > 0.25 * np.median(dg)
+        if steady and odd.sum() >= max(3, 0.1 * pg.size):
             return True
     return False
 
