@@ -41,7 +41,14 @@ from typing import Any, Literal
 import numpy as np
 
 from streamvg.errors import SourceError, SourceNotFoundError, UnsupportedSourceError
-from streamvg.sources.base import DEFAULT_MAX_PIXELS, Snap, Source, StatusCallback, fit_within, lowres_for
+from streamvg.sources.base import (
+    DEFAULT_MAX_PIXELS,
+    Snap,
+    Source,
+    StatusCallback,
+    fit_within,
+    lowres_for,
+)
 from streamvg.types import Frame
 
 __all__ = ["FileIndex", "FileSource", "best_effort_index", "plan_samples", "scan_file", "timestamps_suspect"]
@@ -129,7 +136,7 @@ def _mp4_index_missing(path: str) -> bool:
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            pos, seen = 0, []
+            pos, seen = 0, list[bytes]()
             while pos + 8 <= size and len(seen) < 4096:
                 f.seek(pos)
                 head = f.read(16)
@@ -435,14 +442,14 @@ def _carry_restarts(
     firsts: list[float] = []
     for n, b in enumerate(best):
         if owner[n] != cur:
-            seg = [best[k] for k in range(n, len(best)) if owner[k] == owner[n] and best[k] is not None]
+            seg = [b2 for k in range(n, len(best)) if owner[k] == owner[n] and (b2 := best[k]) is not None]
             done = sorted(m for m in media if m is not None)
             if done:
                 prev_end = done[-1]
                 gaps = [y - x for x, y in itertools.pairwise(done[-64:]) if y > x]
                 prev_step = int(np.median(gaps)) if gaps else 1
             if seg and prev_end is not None:
-                offset = prev_end + prev_step - min(seg)  # type: ignore[type-var]
+                offset = prev_end + prev_step - min(seg)
                 firsts.append(float((prev_end + prev_step) * tb))
             cur = owner[n]
         media.append(None if b is None else b + offset)

@@ -52,13 +52,13 @@ def write_jittered_pts(
     with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
         vs = inp.streams.video[0]
         os_ = out.add_stream_from_template(vs)
-        j = round(jitter_s / vs.time_base)
+        j = round(jitter_s / (vs.time_base or Fraction(1, 90000)))
         i = 0
         for packet in inp.demux(vs):
             if packet.dts is None or not packet.size:
                 continue
             packet.stream = os_
-            packet.pts = int(packet.pts) + 2 * j + int(pattern[i % len(pattern)]) * j
+            packet.pts = int(packet.pts if packet.pts is not None else packet.dts) + 2 * j + int(pattern[i % len(pattern)]) * j
             i += 1
             out.mux(packet)
     return dst
