@@ -86,13 +86,19 @@ def decoded_pictures(path: Path) -> list[np.ndarray]:
 # --- non-monotonic pts -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=[0, 1, 2], ids=lambda s: f"pattern{s}")
+@pytest.fixture(
+    scope="module",
+    params=[("carphone.mp4", 0), ("carphone.mp4", 1), ("carphone.mp4", 2), ("cup.mp4", 3)],
+    ids=lambda p: f"{p[0][:-4]}-pattern{p[1]}",
+)
 def jittered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
-    # A different pattern of ±100 ms jumps per seed (exploring, not one hand-picked case).
-    rng = np.random.default_rng(request.param)
+    # A different pattern of ±100 ms jumps per seed (exploring, not one hand-picked case), on
+    # a clip with B-frames (carphone) and one without at a non-integer rate (cup).
+    clip, seed = request.param
+    rng = np.random.default_rng(seed)
     pattern = [int(x) for x in rng.choice([-1, 0, 1], size=int(rng.integers(3, 9)))]
     pattern[0], pattern[1] = 1, -1  # at least one jump each way
-    path = write_jittered_pts(MEDIA / "carphone.mp4", tmp_path_factory.mktemp("jit") / "jit.mp4", pattern=pattern)
+    path = write_jittered_pts(MEDIA / clip, tmp_path_factory.mktemp("jit") / clip, pattern=pattern)
     return path, ffprobe_frames(path)
 
 
@@ -154,9 +160,27 @@ def test_sane_files_keep_container_pts(clip: str) -> None:
 # --- concatenated MPEG-TS ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def concatenated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_concatenated_ts(tmp_path_factory.mktemp("ts") / "two.ts", [(320, 240, 2.0), (640, 480, 2.0)])
+CLIPS = {
+    "two": [(320, 240, 2.0), (640, 480, 2.0)],
+    "three": [(640, 360, 1.2), (320, 180, 1.6), (640, 360, 1.0)],
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CLIPS))
+def concatenated(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_concatenated_ts(tmp_path_factory.mktemp("ts") / f"{request.param}.ts", CLIPS[request.param])
+
+
+def carried_line(raw: list[float]) -> list[float]:
+    """ffprobe's times with each restart moved to one frame after the clip before it."""
+    step = raw[1] - raw[0]
+    line = [raw[0]]
+    offset = 0.0
+    for a, b in itertools.pairwise(raw):
+        if b < a - 0.5:  # a restart (these clips' own reordering is a few frames)
+            offset = line[-1] + step - b
+        line.append(b + offset)
+    return line
 
 
 @pytest.mark.parametrize("snap", ["exact", "keyframe"])
@@ -164,14 +188,13 @@ def concatenated(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_concatenated_ts_yields_every_sample_time_once(
     concatenated: Path, snap: str, backend: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    clips = CLIPS[concatenated.stem]
     probe = ffprobe_frames(concatenated)
     raw = [float(f["best_effort_timestamp_time"]) for f in probe]
-    restart = next(n for n in range(1, len(raw)) if raw[n] < raw[n - 1] - 1.0)
-    assert probe[0]["width"] == 320 and probe[-1]["width"] == 640
-    step = raw[1] - raw[0]
-    # The second clip continues one frame after the first: 4 s of media time, 25 fps.
-    line = raw[:restart] + [raw[restart - 1] + step + (t - raw[restart]) for t in raw[restart:]]
-    assert line == sorted(line)
+    assert sum(b < a - 0.5 for a, b in itertools.pairwise(raw)) == len(clips) - 1  # the restarts
+    # Each clip continues one frame after the one before: their summed length, 25 fps.
+    line = carried_line(raw)
+    assert line == sorted(line) and line[-1] - line[0] == pytest.approx(sum(d for *_, d in clips) - 0.04, abs=1e-6)
     fps = 5.0
     with caplog.at_level(logging.WARNING, logger="streamvg"), open_source(
         concatenated, fps=fps, snap=snap, backend=backend  # type: ignore[arg-type]
@@ -185,20 +208,21 @@ def test_concatenated_ts_yields_every_sample_time_once(
     assert len(times) == len(targets)  # none lost, none doubled
     for t, target in zip(times, targets, strict=True):
         assert abs(t - target) <= 0.5 / fps + 1e-6
-    widths = [f.image.shape[1] for f in frames]
-    assert widths == sorted(widths) and widths[0] == 320 and widths[-1] == 640
-    for f in frames:
-        assert f.image.shape[1] == probe[f.index]["width"]
+    for f in frames:  # each sample's picture comes from its own clip, at that clip's size
+        assert f.image.shape[:2] == (probe[f.index]["height"], probe[f.index]["width"])
+        clip = np.searchsorted(np.cumsum([d for *_, d in clips]), f.pts - line[0] + 1e-6, side="right")
+        assert f.image.shape[1] == clips[clip][0]
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, warnings
-    assert "restart" in warnings[0] and "320×240 → 640×480" in warnings[0] and str(concatenated) in warnings[0]
+    sizes = " → ".join(f"{w}×{h}" for w, h, _ in clips)
+    assert f"restart {len(clips) - 1} time(s)" in warnings[0] and sizes in warnings[0] and str(concatenated) in warnings[0]
 
 
 def test_concatenated_ts_every_frame(concatenated: Path) -> None:
     n = len(ffprobe_frames(concatenated))
     with open_source(concatenated) as src:
         times = [f.pts for f in src]
-        assert src.info.duration_s == pytest.approx(4.0, abs=0.05)
+        assert src.info.duration_s == pytest.approx(sum(d for *_, d in CLIPS[concatenated.stem]), abs=0.05)
     assert len(times) == n and all(b > a for a, b in itertools.pairwise(times))
 
 
