@@ -342,3 +342,29 @@ def test_huge_mjpeg_peak_memory_stays_small(tmp_path: Path) -> None:
     assert shapes.strip() == "[(2880, 2880, 3), (2880, 2880, 3)]"
     baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # this interpreter, for scale
     assert int(peak_mb) < 400, f"peak RSS {peak_mb} MB (this test process: {baseline_mb} MB)"
+
+
+def test_pipeline_grounds_every_sample_time_of_a_concatenated_file_once(tmp_path: Path) -> None:
+    # End to end: sources → windows (overlapping) → engine (replay, no model) → events.
+    import uuid
+
+    from streamvg.config import EngineConfig, PipelineConfig, QueryConfig, SourceConfig
+    from streamvg.demo import EventCollector
+    from streamvg.pipeline import Pipeline
+
+    ts = write_concatenated_ts(tmp_path / "two.ts", CLIPS["two"])
+    answers = tmp_path / "none.jsonl"
+    answers.write_text("")
+    cfg = PipelineConfig(
+        name=f"t-{uuid.uuid4().hex[:6]}",
+        sources=[SourceConfig(name="cat", uri=str(ts))],
+        sampling=SamplingConfig(fps=2.0, window_size=3, stride=1, max_frame_pixels=50_000),
+        queries=[QueryConfig(id="q", text="anything")],
+        engine=EngineConfig(kind="replay", replay_path=str(answers)),
+    )
+    collector = EventCollector()
+    Pipeline(cfg, sinks=[collector]).run()
+    with open_source(ts, fps=2.0) as src:
+        planned = src.planned  # type: ignore[attr-defined]
+    times = [e.t for e in collector.events if e.kind == "grounding" and e.camera == "cat"]
+    assert len(planned) == 8 and sorted(times) == pytest.approx(planned, abs=1e-6)
