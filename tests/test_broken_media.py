@@ -26,12 +26,15 @@ from typing import Any
 import av
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streamvg.cli import main as cli_main
 from streamvg.config import SamplingConfig
 from streamvg.errors import UnsupportedSourceError
 from streamvg.sources import DEFAULT_MAX_PIXELS, open_source
 from streamvg.sources.devices import DeviceSource
+from streamvg.sources.files import timestamps_suspect
 from streamvg.sources.live import LiveSource
 from streamvg.testing.broken_media import (
     write_concatenated_ts,
@@ -144,6 +147,31 @@ def test_keyframe_sampling_follows_ffprobe_best_effort(jittered: tuple[Path, lis
         k = round((best[n] - t0) * fps)
         if probe[n]["key_frame"] and abs(best[n] - (t0 + k / fps)) <= tol:
             assert probe[chosen[k]]["key_frame"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    gaps=st.lists(st.integers(1, 9000), min_size=2, max_size=80),
+    depth=st.integers(0, 3),
+    data=st.data(),
+)
+def test_sane_timestamps_are_never_suspect(gaps: list[int], depth: int, data: st.DataObject) -> None:
+    # Any frame times (constant or variable rate) in any decode order a decoder reordering
+    # `depth` frames can output, with dts from the sorted pts as encoders write them: the
+    # cheap packet check must not send such a file to the slow best-effort decode.
+    pts = list(itertools.accumulate(gaps))
+    order: list[int] = []
+    for i in range(0, len(pts), depth + 1):  # reordered within blocks of depth + 1 frames
+        order += data.draw(st.permutations(pts[i : i + depth + 1]))
+    dts = [p - (pts[depth] - pts[0] if depth < len(pts) else 0) for p in sorted(pts)]
+    assert not timestamps_suspect(list(zip(order, dts, strict=True)), depth)
+
+
+@given(start=st.integers(0, 3000), at=st.integers(2, 38), depth=st.integers(0, 3))
+def test_a_restart_is_always_suspect(start: int, at: int, depth: int) -> None:
+    ticks = list(range(0, 3600 * 40, 3600))
+    restarted = ticks[:at] + [t - ticks[at] + start for t in ticks[at:]]  # back to near 0
+    assert timestamps_suspect([(t, t) for t in restarted], depth)
 
 
 @pytest.mark.parametrize("clip", ["carphone.mp4", "cup.mp4", "bigbuckbunny.mp4"])

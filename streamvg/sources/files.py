@@ -17,6 +17,15 @@ How a file is read:
    since nothing later depends on them. Keyframe wants decode with `skip_frame="NONKEY"`.
    Only handed-out frames are converted to RGB.
 
+4. **Broken timestamps.** When the packet scan finds timestamps a seek-and-decode reader
+   cannot trust (`timestamps_suspect`: decode times running backwards at a restart, or
+   `pts` out of display order), the file is decoded once and indexed by FFmpeg's
+   best-effort timestamps, with media time carried across restarts (`best_effort_index`);
+   such a file is then read from its start, without seeking.
+
+Frames above `max_pixels` (default 3840×2160) are downscaled on decode (`lowres` for
+MJPEG, else inside the RGB conversion), so a huge frame never costs a full-size RGB copy.
+
 The decord backend (`backend="decord"`) reads the same plan through `VideoReader.get_batch`
 in small batches; it cannot skip non-reference frames, so it is slower here and is used
 only when asked for (see the README's measured ratios). Either way memory holds one
