@@ -117,6 +117,7 @@ def test_exact_sampling_follows_ffprobe_best_effort(jittered: tuple[Path, list[d
 
     with open_source(path, fps=4.0, backend=backend) as src:
         frames = list(src)
+        assert src.info.timestamps == "best_effort" and src.info.backend == "pyav"
     assert [f.pts for f in frames] == pytest.approx(expected, abs=1e-6)
     pictures = decoded_pictures(path)
     for f in frames:
@@ -179,7 +180,7 @@ def test_sane_files_keep_container_pts(clip: str) -> None:
     probe = ffprobe_frames(MEDIA / clip)
     best = sorted(float(f["best_effort_timestamp_time"]) for f in probe)
     with open_source(MEDIA / clip, fps=3.0) as src:
-        assert src.index.sequential is None  # type: ignore[attr-defined]
+        assert src.index.sequential is None and src.info.timestamps == "container"  # type: ignore[attr-defined]
         times = [f.pts for f in src]
     assert times == pytest.approx(exact_choice(best, 3.0), abs=1e-6)
 
@@ -250,6 +251,7 @@ def test_concatenated_ts_every_frame(concatenated: Path) -> None:
     with open_source(concatenated) as src:
         times = [f.pts for f in src]
         assert src.info.duration_s == pytest.approx(sum(d for *_, d in CLIPS[concatenated.stem]), abs=0.05)
+        assert src.info.timestamps == "best_effort" and src.info.frames == n
     assert len(times) == n and all(b > a for a, b in itertools.pairwise(times))
 
 

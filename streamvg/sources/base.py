@@ -134,6 +134,9 @@ class SourceInfo:
         keyframe_interval_s: Median time between keyframes (files), None when unknown.
         frames: Number of frames in a file, None when unknown.
         backend: Which reader decodes: "pyav", "decord" or "opencv".
+        timestamps: Where a file's frame times come from: "container" (its `pts`),
+            "best_effort" (FFmpeg's best-effort times, carried across restarts: the
+            container's could not be trusted) or "frame_index" (none stored: index / fps).
     """
 
     codec: str = ""
@@ -144,6 +147,7 @@ class SourceInfo:
     keyframe_interval_s: float | None = None
     frames: int | None = None
     backend: str = ""
+    timestamps: str = "container"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

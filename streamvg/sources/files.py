@@ -261,7 +261,8 @@ def scan_file(path: str) -> tuple[FileIndex, dict[str, Any]]:
             "fps": float(rate) if rate else None,
             "duration_s": duration_s,
             "keyframe_interval_s": float(np.median(key_gaps)) if key_gaps.size else None,
-            "frames": len(pts),
+            "frames": len(index.pts),
+            "timestamps": "frame_index" if not timed else "best_effort" if index.sequential is not None else "container",
         }
         return index, facts
     finally:
