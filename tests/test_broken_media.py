@@ -40,6 +40,7 @@ from streamvg.testing.broken_media import (
     write_huge_mjpeg,
     write_jittered_pts,
     write_truncated_mp4,
+    write_ts_clip,
 )
 
 MEDIA = Path(__file__).parent / "media"
@@ -398,3 +399,24 @@ def test_pipeline_grounds_every_sample_time_of_a_concatenated_file_once(tmp_path
         planned = src.planned  # type: ignore[attr-defined]
     times = [e.t for e in collector.events if e.kind == "grounding" and e.camera == "cat"]
     assert len(planned) == 8 and sorted(times) == pytest.approx(planned, abs=1e-6)
+
+
+@pytest.mark.parametrize("snap", ["exact", "keyframe"])
+def test_size_change_with_continuous_timestamps_keeps_seeking(tmp_path: Path, snap: str) -> None:
+    # The same two clips joined by ffmpeg's concat demuxer: timestamps continue, only the frame
+    # size changes; the container's pts are sane, so the file is still read by seeking.
+    parts = [write_ts_clip(tmp_path / f"{n}.ts", w, h, d, seed=n) for n, (w, h, d) in enumerate(CLIPS["two"])]
+    (tmp_path / "list.txt").write_text("".join(f"file '{p}'\n" for p in parts))
+    joined = tmp_path / "joined.ts"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "concat", "-safe", "0", "-i", str(tmp_path / "list.txt"),
+                    "-c", "copy", str(joined)], check=True, timeout=60)
+    probe = ffprobe_frames(joined)
+    line = sorted(float(f["best_effort_timestamp_time"]) for f in probe)
+    with open_source(joined, fps=5.0, snap=snap) as src:  # type: ignore[arg-type]
+        frames = list(src)
+        assert src.info.timestamps == "container"  # type: ignore[attr-defined]
+    if snap == "exact":
+        assert [f.pts for f in frames] == pytest.approx(exact_choice(line, 5.0), abs=1e-6)
+    for f in frames:
+        assert f.image.shape[:2] == (probe[f.index]["height"], probe[f.index]["width"])
+    assert {f.image.shape[1] for f in frames} == {320, 640}

@@ -808,21 +808,28 @@ class FileSource(Source):
             self._container = None
 
     def _seek(self, container: Any, stream: Any, kpos: int) -> Iterator[Any]:
-        """Seek to keyframe `kpos` and return the packet iterator from there.
+        """Seek to keyframe `kpos` and return the packet iterator from a keyframe at or before it.
 
-        Seeking is by PTS (FFmpeg's demuxers index presentation times); should a demuxer
-        land after the keyframe, earlier keyframes are tried, down to the start.
+        Seeking is by PTS, but some demuxers land elsewhere: MPEG-TS seeks by decode time
+        and lands on whatever packet is there, often inside the GOP before. So the packets
+        up to the first keyframe after the landing point are dropped (they cannot be
+        decoded without what came before them), and when that keyframe is later than the
+        wanted one (or there is none), earlier keyframes are tried, down to the start.
         """
-        for k in range(kpos, -2, -1):
-            target = self.index.key_pts[k] if k >= 0 else self.index.pts[0] - 1
-            container.seek(target, stream=stream, backward=True)
+        key = self.index.key_pts[kpos]
+        for k in range(kpos, -1, -1):
+            container.seek(self.index.key_pts[k], stream=stream, backward=True)
             packets = container.demux(stream)
-            first = next(packets, None)
-            if first is None:
-                return iter(())
-            if k < 0 or first.pts is None or first.pts <= self.index.key_pts[kpos]:
-                return itertools.chain([first], packets)
-        return iter(())  # pragma: no cover - loop always returns
+            for n, p in enumerate(packets):
+                if p.is_keyframe and p.pts is not None:
+                    if p.pts <= key:
+                        return itertools.chain([p], packets)
+                    break
+                if n > 4096:  # no keyframe near: do not read the whole file here
+                    break
+            # Landed after the wanted keyframe (or in its GOP, with no keyframe after): earlier.
+        container.seek(0)  # from the start (also files whose first frame is no keyframe)
+        return iter(container.demux(stream))
 
     def _iter_pyav(self) -> Iterator[Frame]:
         import av

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["write_concatenated_ts", "write_huge_mjpeg", "write_jittered_pts", "write_truncated_mp4"]
+__all__ = ["write_concatenated_ts", "write_huge_mjpeg", "write_jittered_pts", "write_truncated_mp4", "write_ts_clip"]
 
 
 def write_jittered_pts(
@@ -64,9 +64,13 @@ def write_jittered_pts(
     return dst
 
 
-def _encode_ts(path: Path, width: int, height: int, duration_s: float, fps: int, seed: int) -> None:
+def write_ts_clip(
+    path: str | os.PathLike[str], width: int, height: int, duration_s: float, *, fps: int = 25, seed: int = 0
+) -> Path:
+    """One H.264 MPEG-TS clip of a moving random texture (GOP 1 s, B-frames)."""
     import av
 
+    path = Path(path)
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, size=(height // 8, width // 8, 3), dtype=np.uint8)
     base = np.kron(base, np.ones((8, 8, 1), dtype=np.uint8))
@@ -83,6 +87,7 @@ def _encode_ts(path: Path, width: int, height: int, duration_s: float, fps: int,
                 out.mux(packet)
         for packet in st.encode(None):
             out.mux(packet)
+    return path
 
 
 def write_concatenated_ts(
@@ -100,7 +105,7 @@ def write_concatenated_ts(
     with open(dst, "wb") as f:
         for n, (w, h, d) in enumerate(clips):
             part = dst.with_name(f"{dst.stem}.part{n}.ts")
-            _encode_ts(part, w, h, d, fps, seed=n)
+            write_ts_clip(part, w, h, d, fps=fps, seed=n)
             f.write(part.read_bytes())
             part.unlink()
     return dst
