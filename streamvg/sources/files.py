@@ -723,7 +723,8 @@ class FileSource(Source):
         import av
 
         index = self.index
-        assert index.sequential is not None and index.output_pts is not None
+        if index.sequential is None or index.output_pts is None:  # pragma: no cover - caller checks
+            raise RuntimeError("_iter_sequential needs an index from best_effort_index")
         position = {t: i for i, t in enumerate(index.pts)}
         wanted = {index.sequential[position[w.ticks]]: w.ticks for w in self._wants}
         raw = index.output_pts
