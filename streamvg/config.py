@@ -110,6 +110,11 @@ class SamplingConfig(_Model):
         description="Ground one frame per camera at the same instant (cross-camera queries) instead of "
         "one camera over time.",
     )
+    max_frame_pixels: int | None = Field(
+        default=3840 * 2160, ge=1,
+        description="Frames with more pixels are downscaled on decode to at most this many, aspect kept "
+        "(files, streams, devices; null = never). The default is 4K UHD (8.3 Mpx).",
+    )
 
     @model_validator(mode="after")
     def _stride_le_size(self) -> SamplingConfig:
