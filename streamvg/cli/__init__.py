@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import sys
+import time
 
 import typer
 
@@ -69,22 +70,52 @@ def setup_logging(verbose: int = 0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; user errors print one sentence and exit 2."""
+    """Run the command line; returns the exit code (`streamvg.cli.outcome`: 0 done, 1
+    finished with failures, 2 bad usage or input, 130 Ctrl-C), never a traceback for a
+    StreamVG error."""
+    from streamvg.cli.outcome import EXIT_INTERRUPTED, exit_code_for_error
+
     setup_logging()
+    code = 0
     try:
         # standalone mode lets click print usage errors its own way (no traceback);
         # StreamVG's own errors pass through it and become one sentence here.
         app(args=argv, prog_name="streamvg")
     except SystemExit as exc:
-        code = exc.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except StreamVGError as exc:
         typer.echo(f"error: {mask_text(str(exc))}", err=True)
-        return 2
+        code = exit_code_for_error(exc)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        return 130
-    return 0
+        code = EXIT_INTERRUPTED
+    _leave_running_engines(code)
+    return code
+
+
+def _leave_running_engines(code: int, grace_s: float = 0.5) -> None:
+    """Exit now with `code` if an engine is still computing after its pipeline stopped.
+
+    Such a thread stops at its next generated token, but one model step (a long prefill
+    on CPU) can take longer than a user waits for Ctrl-C; letting the interpreter exit
+    under it aborts the process in torch ("terminate called without an active
+    exception"). Everything the run produced is already flushed and closed by then, so
+    the process leaves without waiting (os._exit), with the documented code.
+    """
+    from streamvg.pipeline.runtime import unfinished_engine_threads
+
+    running = unfinished_engine_threads()
+    if not running:
+        return
+    deadline = time.monotonic() + grace_s
+    for t in running:
+        t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in running):
+        logging.getLogger("streamvg").info("leaving while the model finishes its step; its batch is discarded")
+        from streamvg.cli.outcome import flush_std_streams
+
+        flush_std_streams()
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -84,9 +84,10 @@ def ground_in_chunks(
         except Exception as exc:  # skipped and counted, not fatal: see GroundingFailures
             newly = {id(w): w for w, _q in chunk if id(w) not in failed}
             failed.update(newly)
+            give_up = bool(newly) and failures.failed(len(newly), exc)  # first: on_failed sees last_error
             for w in newly.values():
                 on_failed(w)
-            if newly and failures.failed(len(newly), exc):
+            if give_up:
                 raise GroundingError(failures.give_up_message()) from exc
             continue
         failures.succeeded()

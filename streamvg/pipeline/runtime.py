@@ -74,6 +74,9 @@ class CameraState:
     duration_s: float | None = None
     last_pts: float = 0.0
     reconnects: int = 0
+    answers: int = 0  # (window, query) answers handled
+    unparseable_answers: int = 0
+    last_error: str = ""  # the last grounding error of this camera's windows (masked)
 
 
 @dataclass
@@ -90,6 +93,7 @@ class RunSummary:
     unparseable_answers: int
     windows_failed: int = 0
     error: str | None = None  # why the run stopped early (the engine kept failing), else None
+    answers: int = 0  # (window, query) answers handled, parsed or not
 
 
 
@@ -164,6 +168,7 @@ class Pipeline:
         self.windows_grounded = 0
         self.events_published = 0
         self.unparseable_answers = 0
+        self.answers = 0
         limit = config.engine.max_consecutive_failures
         if limit is None:
             limit = 0 if any(c.live for c in self.cameras.values()) else 5
@@ -232,7 +237,14 @@ class Pipeline:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop cameras, let the engine finish its batch, end tracks, flush and close sinks."""
+        """Stop cameras, let the engine finish its batch, end tracks, flush and close sinks.
+
+        `timeout` (seconds) bounds the wait for the camera and engine threads in all; a
+        running `generate` stops at its next token (`set_stop_event`), and an engine still
+        inside one model step after that is left to finish on its own
+        (`unfinished_engine_threads`) rather than holding the stop up.
+        """
+        stop_started = time.monotonic()
         self._stop.set()
         with self._sources_lock:
             sources = list(self._sources.values())
@@ -243,7 +255,7 @@ class Pipeline:
         for t in closers:
             t.join(2.5)
         self._queue.close()
-        deadline = time.monotonic() + timeout
+        deadline = stop_started + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         engine_thread = getattr(self, "_engine_thread", None)
@@ -280,6 +292,7 @@ class Pipeline:
             interrupted=interrupted,
             elapsed_s=time.monotonic() - self._started_at if self._started_at else 0.0,
             unparseable_answers=self.unparseable_answers,
+            answers=self.answers,
             windows_failed=self.failures.total,
             error=mask_text(str(self._engine_error)) if self._engine_error is not None
             and not isinstance(self._engine_error, KeyboardInterrupt) else None,
@@ -420,6 +433,7 @@ class Pipeline:
                     continue
                 assert self._engine is not None
                 requests = [(w, q) for w in batch for q in queries]
+                log.debug("grounding %d request(s) of %d window(s)", len(requests), len(batch))
                 failed: set[int] = set()  # ids of windows whose grounding failed
                 answered: set[int] = set()  # ids of windows with at least one answer handled
                 try:
@@ -432,6 +446,7 @@ class Pipeline:
                             self._handle(w, q, g, elapsed * 1000.0 / len(chunk))
                             answered.add(id(w))
                 except GroundingCancelled:  # stop() cut a generate short: count what was answered, then end
+                    log.debug("grounding stopped between tokens: the run is stopping")
                     self._count_grounded([w for w in batch if id(w) in answered and id(w) not in failed])
                     break
                 self._count_grounded([w for w in batch if id(w) not in failed])
@@ -449,6 +464,7 @@ class Pipeline:
         cam = self.cameras.get(window.frames[0].camera)
         if cam is not None:
             cam.windows_failed += 1
+            cam.last_error = self.failures.last_error
         if self.metrics:
             self.metrics.windows_failed.labels(window.frames[0].camera).inc()
 
@@ -463,11 +479,15 @@ class Pipeline:
         self._notify()
 
     def _handle(self, window: Window, query: Query, g: Grounding, latency_ms: float) -> None:
+        self.answers += 1
+        cam0 = self.cameras.get(window.frames[0].camera)
         if not g.parse_ok:
             self.unparseable_answers += 1
+            if cam0 is not None:
+                cam0.unparseable_answers += 1
         self.processor.process(window, query, g, latency_ms)
-        cam0 = self.cameras.get(window.frames[0].camera)
         if cam0 is not None:
+            cam0.answers += 1
             cam0.last_latency_ms = latency_ms
 
     # --- outputs --------------------------------------------------------------------
