@@ -72,7 +72,12 @@ def setup_logging(verbose: int = 0) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (`streamvg.cli.outcome`: 0 done, 1
     finished with failures, 2 bad usage or input, 130 Ctrl-C), never a traceback for a
-    StreamVG error."""
+    StreamVG error.
+
+    Called with no `argv` (the `streamvg` program, `python -m streamvg`), a process that
+    loaded torch ends here, right after its outputs are flushed (`_exit_now`); with `argv`
+    (tests, scripts) it returns.
+    """
     from streamvg.cli.outcome import EXIT_INTERRUPTED, exit_code_for_error
 
     setup_logging()
@@ -89,31 +94,38 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         code = EXIT_INTERRUPTED
-    _leave_running_engines(code)
+    if argv is None and "torch" in sys.modules:
+        _exit_now(code)
     return code
 
 
-def _leave_running_engines(code: int, grace_s: float = 0.5) -> None:
-    """Exit now with `code` if an engine is still computing after its pipeline stopped.
+def _exit_now(code: int, grace_s: float = 0.5) -> None:
+    """End the process with `code` without the interpreter's teardown of torch.
 
-    Such a thread stops at its next generated token, but one model step (a long prefill
-    on CPU) can take longer than a user waits for Ctrl-C; letting the interpreter exit
-    under it aborts the process in torch ("terminate called without an active
-    exception"). Everything the run produced is already flushed and closed by then, so
-    the process leaves without waiting (os._exit), with the documented code.
+    Everything the command produced is flushed and closed by now. Tearing torch and
+    transformers down takes seconds (3-7 s on a busy 2-core machine, longer than a user
+    waits after Ctrl-C), and aborts the process ("terminate called without an active
+    exception") when an engine thread is still inside a model step that a stop could not
+    cut short (a long prefill); such a thread stops at its next token, but is not waited
+    for beyond `grace_s`. Exit handlers still run (logging, temporary files), except the
+    one that would wait for that thread.
     """
-    from streamvg.pipeline.runtime import unfinished_engine_threads
+    import atexit
 
-    running = unfinished_engine_threads()
-    if not running:
-        return
+    from streamvg.cli.outcome import flush_std_streams
+    from streamvg.pipeline import runtime
+
+    running = runtime.unfinished_engine_threads()
     deadline = time.monotonic() + grace_s
     for t in running:
         t.join(max(0.0, deadline - time.monotonic()))
     if any(t.is_alive() for t in running):
         logging.getLogger("streamvg").info("leaving while the model finishes its step; its batch is discarded")
-        from streamvg.cli.outcome import flush_std_streams
-
+    atexit.unregister(runtime._join_unfinished_at_exit)
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        logging.shutdown()
         flush_std_streams()
         os._exit(code)
 
