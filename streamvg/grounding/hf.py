@@ -90,6 +90,9 @@ def _check_model_source(model: str) -> str:
         raise ModelLoadError(f"{p} is a file, not a model directory; give the folder that holds config.json", model=model)
     if model.startswith((".", "/", "~")) or model.count("/") > 1 or not _HUB_ID_RE.match(model):
         raise ModelLoadError(f"model directory {model} does not exist; check the path", model=model)
+    from streamvg.grounding.hub import check_hub_model
+
+    check_hub_model(model)  # not cached and no hub: one sentence now, not a minute of retries
     return model  # a hub id
 
 
@@ -209,7 +212,7 @@ class GemVGEngine:
             else:
                 msg = (
                     f"model {source} could not be loaded from {where} ({first}); "
-                    "download it first (huggingface-cli download) or give a local directory"
+                    "download it first (`hf download ID`) or give a local directory"
                 )
             raise ModelLoadError(msg, model=source) from exc
         tokenizer.padding_side = "left"
