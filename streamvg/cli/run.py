@@ -398,7 +398,8 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the generated videos, answers and events.")] = Path("streamvg-demo"),
     cameras: Annotated[int, typer.Option(min=1, max=8, help="Cameras in the generated scene.")] = 3,
     duration_s: Annotated[float, typer.Option(min=2.0, max=120.0, help="Length of the generated videos, seconds.")] = 12.0,
-    redis_url: Annotated[str, typer.Option(help="Publish here if it answers, else write JSONL.")] = "redis://127.0.0.1:6379/0",
+    redis_url: Annotated[str, typer.Option(envvar=["STREAMVG_SINKS__REDIS__URL", "STREAMVG_REDIS_URL"],
+                                           help="Publish here if it answers, else write JSONL.")] = "redis://127.0.0.1:6379/0",
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """A whole StreamVG run on any machine, no model needed.
@@ -425,7 +426,7 @@ def query_add(
     text: Annotated[str, typer.Argument(help="The question, e.g. 'a person in a red jacket'.")],
     pipeline: Annotated[str, typer.Option(help="Pipeline name (its `name:`).")] = "default",
     mode: Annotated[str, typer.Option(help="direct or reason.")] = "direct",
-    url: Annotated[str, typer.Option(envvar="STREAMVG_REDIS_URL", help="Redis URL.")] = "redis://127.0.0.1:6379/0",
+    url: Annotated[str, typer.Option(envvar=["STREAMVG_REDIS_URL", "STREAMVG_SINKS__REDIS__URL"], help="Redis URL.")] = "redis://127.0.0.1:6379/0",
 ) -> None:
     """Start asking a query in every window of PIPELINE from now on."""
     q = QueryConfig(id=query_id, text=text, mode=mode)  # type: ignore[arg-type]
@@ -437,7 +438,7 @@ def query_add(
 def query_remove(
     query_id: Annotated[str, typer.Argument(help="Id of the query to stop.")],
     pipeline: Annotated[str, typer.Option(help="Pipeline name (its `name:`).")] = "default",
-    url: Annotated[str, typer.Option(envvar="STREAMVG_REDIS_URL", help="Redis URL.")] = "redis://127.0.0.1:6379/0",
+    url: Annotated[str, typer.Option(envvar=["STREAMVG_REDIS_URL", "STREAMVG_SINKS__REDIS__URL"], help="Redis URL.")] = "redis://127.0.0.1:6379/0",
 ) -> None:
     """Stop asking a query; its open tracks end."""
     entry = _send(url, pipeline, "remove", query_id=query_id)
