@@ -109,10 +109,10 @@ def test_search_bad_inputs_are_one_sentence_before_any_work(scene: dict[str, Pat
     events = tmp_path / "events.jsonl"
     base = ["search", str(scene["video"]), "-q", "the thing", "--engine", "replay", "--events", str(events)]
     cases = {
-        "--replay binary": (base + ["--replay", str(binary)], "not a text file"),
-        "--thumbnails file": (base + ["--replay", str(scene["answers"]), "--thumbnails", str(a_file)], "is a file, not a folder"),
-        "--out unwritable": (base + ["--replay", str(scene["answers"]), "--out", str(a_file / "segments.jsonl")], "cannot be written"),
-        "--out folder": (base + ["--replay", str(scene["answers"]), "--out", str(tmp_path)], "is a folder"),
+        "--replay binary": ([*base, "--replay", str(binary)], "not a text file"),
+        "--thumbnails file": ([*base, "--replay", str(scene["answers"]), "--thumbnails", str(a_file)], "is a file, not a folder"),
+        "--out unwritable": ([*base, "--replay", str(scene["answers"]), "--out", str(a_file / "segments.jsonl")], "cannot be written"),
+        "--out folder": ([*base, "--replay", str(scene["answers"]), "--out", str(tmp_path)], "is a folder"),
         "missing path": (["search", str(tmp_path / "nope.mp4"), "-q", "x", "--engine", "replay", "--replay", str(scene["answers"])],
                          "no such file or folder"),
     }
@@ -120,7 +120,7 @@ def test_search_bad_inputs_are_one_sentence_before_any_work(scene: dict[str, Pat
                                     text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
              for name, (args, _) in cases.items()}
     for name, proc in procs.items():
-        out, err = proc.communicate(timeout=120)
+        _out, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, (name, err)
         assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, (name, err)
         assert cases[name][1] in err, (name, err)

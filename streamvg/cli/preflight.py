@@ -19,8 +19,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import click
-
 from streamvg.config import PipelineConfig
 from streamvg.errors import ConfigError
 from streamvg.redaction import mask_url
@@ -41,7 +39,8 @@ def explicit(ctx: Any, name: str) -> bool:
     """True when parameter `name` of the command in `ctx` (a click/typer Context) was
     given on the command line (not its default)."""
     source = ctx.get_parameter_source(name)
-    return source not in (None, click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
+    # By name: typer ships its own copy of click, whose ParameterSource is another enum.
+    return source is not None and getattr(source, "name", str(source)) not in ("DEFAULT", "DEFAULT_MAP")
 
 
 def flag_layers(ctx: Any, mapping: Mapping[str, str], values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
