@@ -17,7 +17,9 @@ sinks: {redis: {url: "redis://localhost:6379/0"}}
 `${VAR}` in string values is replaced from the environment (so passwords stay out of the
 file). Any field can also be overridden by an environment variable named
 `STREAMVG_<SECTION>__<FIELD>` (for example `STREAMVG_SINKS__REDIS__URL` or
-`STREAMVG_ENGINE__MODEL`); the environment wins over the file.
+`STREAMVG_ENGINE__MODEL`), merged field by field: the environment wins over the file and
+over a command's defaults, a flag given on the command line wins over the environment
+(`env_overrides`, `merge_config_data`).
 
 `load_pipeline(path)` returns a `PipelineConfig` or raises `ConfigError` with one line
 naming the field (`sources[1].uri: …`).
@@ -25,8 +27,13 @@ naming the field (`sources[1].uri: …`).
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 import re
+import types
+import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,8 +54,10 @@ __all__ = [
     "SinksConfig",
     "SourceConfig",
     "TrackerConfig",
+    "env_overrides",
     "format_validation_error",
     "load_pipeline",
+    "merge_config_data",
     "parse_pipeline",
 ]
 
@@ -275,8 +284,9 @@ class PipelineConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The environment overrides the file (a deployment sets secrets and hosts).
-        return (env_settings, init_settings)
+        # The environment is merged by parse_pipeline / merge_config_data, field by field and
+        # under the command line's flags; reading it here as well would put it above them.
+        return (init_settings,)
 
     @field_validator("name")
     @classmethod
@@ -323,9 +333,129 @@ def format_validation_error(exc: ValidationError, *, source: str = "pipeline fil
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         if err["type"] == "extra_forbidden":
-            msg = "unknown field; check its spelling against `streamvg config check --help`"
+            msg = unknown_field_message(tuple(err["loc"]))
         lines.append(f"{source}: {path or '(top level)'}: {msg}")
     return "\n".join(lines)
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that holds the fields at `loc` (a path of names and list indexes)."""
+    model: type[BaseModel] = PipelineConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        sub = _inner_model(field.annotation)
+        if sub is None:
+            return None
+        model = sub
+    return model
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    """`SourceConfig` from `list[SourceConfig]`, `RedisSinkConfig | None`, `SamplingConfig`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (list, typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _inner_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def unknown_field_message(loc: tuple[Any, ...]) -> str:
+    """"unknown field 'modle'; did you mean 'model'? valid fields: kind, model, …" for a field path."""
+    name = str(loc[-1]) if loc else ""
+    model = _model_at(loc[:-1])
+    if model is None:
+        return "unknown field"
+    valid = list(model.model_fields)
+    near = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return f"unknown field {name!r}{hint}; valid fields: {', '.join(valid)}"
+
+
+_ENV_PREFIX = "STREAMVG_"
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The `STREAMVG_<SECTION>__<FIELD>` variables as nested pipeline data.
+
+    `STREAMVG_ENGINE__BATCH_SIZE=2` gives `{"engine": {"batch_size": "2"}}` (pydantic turns
+    the text into the field's type); `STREAMVG_NAME=lobby` sets a top-level field. A value
+    starting with `{` or `[` is read as JSON (`STREAMVG_SINKS__REDIS='{"url": …}'`), `null`
+    unsets a field, an empty value is ignored. Variables with no `__` that name no field
+    (`STREAMVG_LOG_LEVEL`) are other settings and ignored.
+
+    Raises:
+        ConfigError: a variable with `__` names no section or field (with the valid names and
+            the nearest one), or its JSON value does not parse.
+    """
+    env = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for key in sorted(env):
+        if not key.upper().startswith(_ENV_PREFIX) or key.upper() != key:
+            continue
+        value = env[key]
+        if value == "":
+            continue
+        parts = key[len(_ENV_PREFIX):].lower().split("__")
+        nested = len(parts) > 1
+        if not nested and parts[0] not in PipelineConfig.model_fields:
+            continue
+        model: type[BaseModel] | None = PipelineConfig
+        for i, part in enumerate(parts):
+            if model is None:
+                raise ConfigError(f"{key}: {'.'.join(parts[:i])} has no fields under it; drop the __{part.upper()} part", field=".".join(parts))
+            if part not in model.model_fields:
+                under = f" under {'.'.join(parts[:i])}" if i else ""
+                raise ConfigError(f"{key}: {unknown_field_message(tuple(parts[: i + 1]))}{under}", field=".".join(parts))
+            model = _inner_model(model.model_fields[part].annotation)
+        parsed: Any = value
+        if value.lstrip()[:1] in ("{", "["):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{key}: the value starts like JSON but does not parse ({exc.msg}); quote it as JSON or give plain text", field=".".join(parts)) from exc
+        elif value == "null":
+            parsed = None
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = parsed
+    return out
+
+
+def merge_config_data(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Merge pipeline data field by field, later layers winning (`file, env, flags`).
+
+    Mappings merge key by key at every depth; any other value (a list, a scalar, None)
+    replaces what was below it.
+    """
+    out: dict[str, Any] = {}
+    for layer in layers:
+        if layer:
+            out = _deep_merge(out, layer)
+    return out
+
+
+def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(merged.get(k), Mapping):
+            merged[k] = _deep_merge(merged[k], v)
+        elif isinstance(v, Mapping):
+            merged[k] = _deep_merge({}, v)
+        else:
+            merged[k] = v
+    return merged
 
 
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -353,13 +483,23 @@ def _expand_env(value: Any, path: str = "") -> Any:
     return value
 
 
-def parse_pipeline(data: Any, *, source: str = "pipeline file") -> PipelineConfig:
-    """Validate already-loaded YAML/JSON data; raise `ConfigError` naming the field."""
+def parse_pipeline(
+    data: Any, *, source: str = "pipeline file", env: bool = True, overrides: Mapping[str, Any] | None = None
+) -> PipelineConfig:
+    """Validate already-loaded YAML/JSON data; raise `ConfigError` naming the field.
+
+    Args:
+        data: The file's data (or a command's defaults).
+        source: Named in error messages (the file's path, `streamvg search`).
+        env: Merge the `STREAMVG_<SECTION>__<FIELD>` variables over `data` (`env_overrides`).
+        overrides: Data merged last, over the environment (flags given on the command line).
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections (name, sources, queries, …), got {type(data).__name__}")
     data = _expand_env(data)
+    data = merge_config_data(data, env_overrides() if env else None, overrides)
     try:
         return PipelineConfig(**data)
     except ValidationError as exc:

@@ -24,7 +24,13 @@ def run_role(cfg: PipelineConfig, role: str, *, metrics_port: int | None, durati
     if cfg.sinks.redis is None:
         raise ConfigError("--role ingest/ground needs sinks.redis.url in the pipeline file: the work streams live in Redis")
     stop = threading.Event()
-    old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals: list[int] = []  # SIGINT exits 130, SIGTERM 0 (streamvg.cli.outcome)
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        signals.append(signum)
+        stop.set()
+
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     started = time.monotonic()
     deadline = started + duration_s if duration_s else None
 
@@ -62,3 +68,7 @@ def run_role(cfg: PipelineConfig, role: str, *, metrics_port: int | None, durati
         typer.echo(json.dumps(summary))
     else:
         typer.echo(", ".join(f"{k}: {v}" for k, v in summary.items()), err=True)
+    if signal.SIGINT in signals:
+        from streamvg.cli.outcome import EXIT_INTERRUPTED
+
+        raise typer.Exit(EXIT_INTERRUPTED)

@@ -18,17 +18,19 @@ through `add_query` / `remove_query` or the Redis control stream
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from streamvg.config import PipelineConfig, QueryConfig
-from streamvg.errors import StreamVGError
+from streamvg.errors import GroundingCancelled, StreamVGError
 from streamvg.events import Event
 from streamvg.grounding import Grounding, GroundingEngine, create_engine
 from streamvg.pipeline.control import ControlFollower, query_from_config
@@ -42,7 +44,7 @@ from streamvg.sources import SourceStatus, is_live, open_source
 from streamvg.types import Frame, Query, Window
 from streamvg.windows import MultiCameraWindows, windows
 
-__all__ = ["CameraState", "Pipeline", "RunSummary", "Sink", "default_sinks"]
+__all__ = ["CameraState", "Pipeline", "RunSummary", "Sink", "default_sinks", "unfinished_engine_threads"]
 
 log = logging.getLogger("streamvg.pipeline")
 
@@ -72,6 +74,9 @@ class CameraState:
     duration_s: float | None = None
     last_pts: float = 0.0
     reconnects: int = 0
+    answers: int = 0  # (window, query) answers handled
+    unparseable_answers: int = 0
+    last_error: str = ""  # the last grounding error of this camera's windows (masked)
 
 
 @dataclass
@@ -88,6 +93,7 @@ class RunSummary:
     unparseable_answers: int
     windows_failed: int = 0
     error: str | None = None  # why the run stopped early (the engine kept failing), else None
+    answers: int = 0  # (window, query) answers handled, parsed or not
 
 
 
@@ -162,6 +168,7 @@ class Pipeline:
         self.windows_grounded = 0
         self.events_published = 0
         self.unparseable_answers = 0
+        self.answers = 0
         limit = config.engine.max_consecutive_failures
         if limit is None:
             limit = 0 if any(c.live for c in self.cameras.values()) else 5
@@ -200,6 +207,9 @@ class Pipeline:
         """Open the engine and sinks and start the camera and engine threads."""
         if self._engine is None and self.window_sink is None:
             self._engine = create_engine(self.config.engine)
+        set_stop = getattr(self._engine, "set_stop_event", None)
+        if callable(set_stop):
+            set_stop(self._stop)  # stop() ends a running generate between tokens
         if self._sinks is None:
             self._sinks = default_sinks(self.config)
         if self.metrics:
@@ -215,7 +225,8 @@ class Pipeline:
         for src in self.config.sources:
             t = threading.Thread(target=self._camera_loop, args=(src.name, src.uri, src.options), name=f"camera-{src.name}", daemon=True)
             self._threads.append(t)
-        self._threads.append(threading.Thread(target=self._engine_loop, name="engine", daemon=True))
+        self._engine_thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
+        self._threads.append(self._engine_thread)
         if self._control_enabled and self.config.sinks.redis is not None:
             follower = ControlFollower(
                 self.config.sinks.redis.url, self.name, add=self.add_query, remove=self.remove_query, stop=self._stop
@@ -226,7 +237,14 @@ class Pipeline:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop cameras, let the engine finish its batch, end tracks, flush and close sinks."""
+        """Stop cameras, let the engine finish its batch, end tracks, flush and close sinks.
+
+        `timeout` (seconds) bounds the wait for the camera and engine threads in all; a
+        running `generate` stops at its next token (`set_stop_event`), and an engine still
+        inside one model step after that is left to finish on its own
+        (`unfinished_engine_threads`) rather than holding the stop up.
+        """
+        stop_started = time.monotonic()
         self._stop.set()
         with self._sources_lock:
             sources = list(self._sources.values())
@@ -237,9 +255,13 @@ class Pipeline:
         for t in closers:
             t.join(2.5)
         self._queue.close()
-        deadline = time.monotonic() + timeout
+        deadline = stop_started + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        engine_thread = getattr(self, "_engine_thread", None)
+        if engine_thread is not None and engine_thread.is_alive():
+            _remember_unfinished(engine_thread)
+            log.warning("the engine was still computing %.1f s after the stop; its batch is abandoned", timeout)
         self._close_outputs()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -270,6 +292,7 @@ class Pipeline:
             interrupted=interrupted,
             elapsed_s=time.monotonic() - self._started_at if self._started_at else 0.0,
             unparseable_answers=self.unparseable_answers,
+            answers=self.answers,
             windows_failed=self.failures.total,
             error=mask_text(str(self._engine_error)) if self._engine_error is not None
             and not isinstance(self._engine_error, KeyboardInterrupt) else None,
@@ -394,7 +417,7 @@ class Pipeline:
     def _engine_loop(self) -> None:
         batch_size = self.config.engine.batch_size
         try:
-            while True:
+            while not self._stop.is_set():  # stop(): finish the batch in hand, not the queue
                 queries = self.queries
                 max_windows = max(1, batch_size // max(1, len(queries)))
                 batch = self._queue.get_batch(max_windows, wait_s=self.batch_wait_s, timeout=0.2)
@@ -410,14 +433,22 @@ class Pipeline:
                     continue
                 assert self._engine is not None
                 requests = [(w, q) for w in batch for q in queries]
+                log.debug("grounding %d request(s) of %d window(s)", len(requests), len(batch))
                 failed: set[int] = set()  # ids of windows whose grounding failed
-                for chunk, groundings, elapsed in ground_in_chunks(
-                    self._engine, requests, batch_size, self.failures, functools.partial(self._count_failed, failed)
-                ):
-                    if self.metrics:
-                        self.metrics.engine_latency.observe(elapsed)
-                    for (w, q), g in zip(chunk, groundings, strict=True):
-                        self._handle(w, q, g, elapsed * 1000.0 / len(chunk))
+                answered: set[int] = set()  # ids of windows with at least one answer handled
+                try:
+                    for chunk, groundings, elapsed in ground_in_chunks(
+                        self._engine, requests, batch_size, self.failures, functools.partial(self._count_failed, failed)
+                    ):
+                        if self.metrics:
+                            self.metrics.engine_latency.observe(elapsed)
+                        for (w, q), g in zip(chunk, groundings, strict=True):
+                            self._handle(w, q, g, elapsed * 1000.0 / len(chunk))
+                            answered.add(id(w))
+                except GroundingCancelled:  # stop() cut a generate short: count what was answered, then end
+                    log.debug("grounding stopped between tokens: the run is stopping")
+                    self._count_grounded([w for w in batch if id(w) in answered and id(w) not in failed])
+                    break
                 self._count_grounded([w for w in batch if id(w) not in failed])
             self.processor.finish_all()
         except BaseException as exc:
@@ -433,6 +464,7 @@ class Pipeline:
         cam = self.cameras.get(window.frames[0].camera)
         if cam is not None:
             cam.windows_failed += 1
+            cam.last_error = self.failures.last_error
         if self.metrics:
             self.metrics.windows_failed.labels(window.frames[0].camera).inc()
 
@@ -447,11 +479,15 @@ class Pipeline:
         self._notify()
 
     def _handle(self, window: Window, query: Query, g: Grounding, latency_ms: float) -> None:
+        self.answers += 1
+        cam0 = self.cameras.get(window.frames[0].camera)
         if not g.parse_ok:
             self.unparseable_answers += 1
+            if cam0 is not None:
+                cam0.unparseable_answers += 1
         self.processor.process(window, query, g, latency_ms)
-        cam0 = self.cameras.get(window.frames[0].camera)
         if cam0 is not None:
+            cam0.answers += 1
             cam0.last_latency_ms = latency_ms
 
     # --- outputs --------------------------------------------------------------------
@@ -500,6 +536,36 @@ class Pipeline:
                 self.on_update(self)
             except Exception:
                 log.debug("progress callback failed", exc_info=True)
+
+# Engine threads still running after their pipeline's stop() timed out (a long model step).
+# They are daemon threads: left running while the interpreter exits, torch's threads abort
+# the process ("terminate called without an active exception"). With the stop event set
+# they end at the next generated token, so at exit they are waited for; a caller that
+# cannot wait (the CLI, which must exit promptly) ends the process with os._exit instead.
+_UNFINISHED: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+_UNFINISHED_LOCK = threading.Lock()
+_AT_EXIT_WAIT_S = 60.0
+
+
+def _remember_unfinished(thread: threading.Thread) -> None:
+    with _UNFINISHED_LOCK:
+        first = not _UNFINISHED
+        _UNFINISHED.add(thread)
+    if first:
+        atexit.register(_join_unfinished_at_exit)
+
+
+def unfinished_engine_threads() -> list[threading.Thread]:
+    """Engine threads of stopped pipelines that are still running (their batch abandoned)."""
+    with _UNFINISHED_LOCK:
+        return [t for t in _UNFINISHED if t.is_alive()]
+
+
+def _join_unfinished_at_exit() -> None:
+    deadline = time.monotonic() + _AT_EXIT_WAIT_S
+    for t in unfinished_engine_threads():
+        t.join(max(0.0, deadline - time.monotonic()))
+
 
 def _close_quietly(src: Any) -> None:
     try:
