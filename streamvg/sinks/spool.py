@@ -520,10 +520,12 @@ class Spool:
             seg.path.unlink(missing_ok=True)
 
     def _trim_head(self) -> None:
-        """Delete leading segments that are wholly delivered (not the one being written)."""
+        """Delete leading segments that are wholly delivered."""
         while self._segments and self._head >= self._segments[0].count:
             if len(self._segments) == 1 and self._wfd is not None:
-                break
+                # All delivered: retire the tail too, so its disk space comes back at once
+                # (the next append starts a new segment).
+                self._close_tail()
             self._remove_first()
 
     def sync(self) -> None:
