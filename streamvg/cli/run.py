@@ -171,7 +171,7 @@ def search(
                                "windows_grounded": summary.windows_grounded,
                                "windows_failed": summary.windows_failed,
                                "unparseable_answers": summary.unparseable_answers,
-                               "error": summary.error}))
+                               "error": summary.error, **_delivery_json(summary)}))
     else:
         console = Console()
         title = f"{len(segments)} segment(s) in {len(files)} video(s), {summary.windows_grounded} windows, {summary.elapsed_s:.1f}s"
@@ -297,7 +297,7 @@ def monitor(
         typer.echo(json.dumps({
             "windows_grounded": summary.windows_grounded, "windows_failed": summary.windows_failed,
             "events_published": summary.events_published, "shutdown_s": round(time.monotonic() - t0, 3),
-            "error": summary.error,
+            "error": summary.error, **_delivery_json(summary),
             "cameras": {n: {"state": c.state, "frames_in": c.frames_in, "windows_grounded": c.windows_grounded,
                             "windows_dropped": c.windows_dropped, "windows_failed": c.windows_failed,
                             "reconnects": c.reconnects} for n, c in summary.cameras.items()},
@@ -309,6 +309,12 @@ def monitor(
     if summary.error:
         err_console.print(f"[red]error: {summary.error}[/]")
         raise typer.Exit(1)
+
+
+def _delivery_json(summary: RunSummary) -> dict[str, Any]:
+    """Delivery counts for `--json`: spooled, replayed, dropped (and why)."""
+    return {"events_spooled": summary.events_spooled, "events_replayed": summary.events_replayed,
+            "events_dropped": summary.events_dropped, "dropped_by_reason": summary.dropped_by_reason}
 
 
 class _Null:
