@@ -38,6 +38,7 @@ from streamvg.errors import ConfigError
 from streamvg.redaction import mask_url
 
 __all__ = [
+    "ControlConfig",
     "EngineConfig",
     "JsonlSinkConfig",
     "PipelineConfig",
@@ -245,6 +246,24 @@ class SinksConfig(_Model):
     jsonl: JsonlSinkConfig | None = Field(default=None, description="JSON-lines sink.")
 
 
+class ControlConfig(_Model):
+    """Limits on the control stream `streamvg:{pipeline}:control` (`streamvg query add`), so a
+    hostile or careless command cannot stall the pipeline or blow up every event. A command
+    beyond a limit is rejected with one log line and removed from the stream."""
+
+    max_command_bytes: int = Field(
+        default=64 * 1024, ge=256, description="Largest control command accepted, in bytes of JSON."
+    )
+    max_query_chars: int = Field(
+        default=1000, ge=1, description="Longest query text a control command may add, in characters "
+        "(every event of the query carries it)."
+    )
+    max_queries: int = Field(
+        default=100, ge=1, description="Standing queries at most; an add beyond it is rejected "
+        "(each query multiplies the engine's work per window)."
+    )
+
+
 class PipelineConfig(BaseSettings):
     """A whole pipeline file. Environment variables `STREAMVG_<SECTION>__<FIELD>` override it."""
 
@@ -259,6 +278,7 @@ class PipelineConfig(BaseSettings):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -194,7 +194,8 @@ class Pipeline:
         q = query_from_config(query)
         with self._queries_lock:
             self._queries[q.id] = q
-        log.info("query %s added: %s", q.id, q.text)
+        # Shortened: a long text in every log line costs more than it tells.
+        log.info("query %s added: %r", q.id, q.text if len(q.text) <= 200 else q.text[:200] + "…")
 
     def remove_query(self, query_id: str) -> bool:
         """Stop asking query `query_id`; its open tracks end. Returns whether it existed."""
@@ -229,7 +230,9 @@ class Pipeline:
         self._threads.append(threading.Thread(target=self._engine_loop, name="engine", daemon=True))
         if self._control_enabled and self.config.sinks.redis is not None:
             follower = ControlFollower(
-                self.config.sinks.redis.url, self.name, add=self.add_query, remove=self.remove_query, stop=self._stop
+                self.config.sinks.redis.url, self.name, add=self.add_query, remove=self.remove_query, stop=self._stop,
+                limits=self.config.control, query_count=lambda: len(self.queries),
+                config_ids=[q.id for q in self.config.queries],
             )
             self._threads.append(threading.Thread(target=follower.run, name="control", daemon=True))
         for t in self._threads:
