@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from streamvg.errors import ConfigError
-from streamvg.redaction import mask_url
+from streamvg.redaction import mask_url, remember_secret, remember_url_secret
 
 __all__ = [
     "ControlConfig",
@@ -298,6 +298,20 @@ class PipelineConfig(BaseSettings):
         if not _NAME_RE.match(v):
             raise ValueError(f"{v!r} is not a valid pipeline name; use letters, digits, '_', '.' or '-'")
         return v
+
+    @model_validator(mode="after")
+    def _remember_secrets(self) -> PipelineConfig:
+        # Every password of the file is masked by value from now on, wherever it shows up
+        # (a library's message may print it in a form the URL masking cannot recognise).
+        for src in self.sources:
+            remember_url_secret(src.uri)
+        if self.sinks.redis is not None:
+            remember_url_secret(self.sinks.redis.url)
+        if self.engine.base_url:
+            remember_url_secret(self.engine.base_url)
+        if self.engine.api_key:
+            remember_secret(self.engine.api_key)
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> PipelineConfig:

@@ -47,7 +47,7 @@ from redis.retry import Retry
 
 from streamvg.errors import ConfigError, PublishError, RedisAuthError
 from streamvg.events import Event
-from streamvg.redaction import mask_text, mask_url
+from streamvg.redaction import mask_text, mask_url, remember_url_secret
 from streamvg.sinks.spool import Spool
 
 __all__ = ["RedisSink", "SinkStats", "connect_redis", "live_channel", "stream_key", "translate_redis_error"]
@@ -120,6 +120,7 @@ def connect_redis(
         ConfigError: the URL is not a Redis URL.
     """
     _check_url(url)
+    remember_url_secret(url)
     try:
         return redis.Redis.from_url(
             url,
