@@ -160,8 +160,9 @@ def translate_redis_error(exc: BaseException, url: str) -> PublishError:
 def _why_down(where: str, exc: BaseException) -> str:
     """Why Redis cannot take events, in words: unreachable, or up but refusing writes."""
     msg = mask_text(str(exc)) or type(exc).__name__
+    oom = getattr(redis.exceptions, "OutOfMemoryError", ())
     if isinstance(exc, redis.ResponseError) or (isinstance(exc, redis.RedisError) and msg.startswith(("OOM", "READONLY", "MISCONF"))):
-        if msg.startswith("OOM"):
+        if (oom and isinstance(exc, oom)) or msg.startswith("OOM") or "maxmemory" in msg:
             return f"Redis at {where} is out of memory and refuses writes ({msg}); raise its maxmemory or lower maxlen"
         return f"Redis at {where} answers but refuses the events ({msg})"
     return f"Redis at {where} is unreachable ({msg})"
