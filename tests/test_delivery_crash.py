@@ -124,7 +124,7 @@ def test_publisher_and_redis_killed_at_many_points(tmp_path: Path) -> None:
     published = -1  # highest index some run reported durable; all below it were too
     points: dict[str, int] = {}
     with RedisServer(persist=True) as srv:
-        for it in range(32):
+        for it in range(24):
             phase = ["redis up", "redis down", "redis dies mid-run", "redis returns mid-run"][it % 4]
             if phase in ("redis down", "redis dies mid-run") and srv.proc is None:
                 srv.start()
