@@ -237,6 +237,10 @@ class JsonlSinkConfig(_Model):
     """Write events as JSON lines."""
 
     path: str = Field(default="streamvg-events.jsonl", description="File to append events to ('-' = stdout).")
+    fsync: bool = Field(
+        default=False, description="fsync every written batch: survives a power cut, costs a disk flush per batch "
+        "(a killed process loses at most the last batch either way)."
+    )
 
 
 class SinksConfig(_Model):

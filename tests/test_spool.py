@@ -407,3 +407,11 @@ class SpoolMachine(RuleBasedStateMachine):
 
 SpoolMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
 test_spool_state_machine = SpoolMachine.TestCase
+
+
+def test_doctests() -> None:
+    import doctest
+
+    import streamvg.sinks.spool as spool_module
+
+    assert doctest.testmod(spool_module).failed == 0

@@ -571,7 +571,7 @@ def default_sinks(config: PipelineConfig) -> list[Sink]:
     if r is not None:
         sinks.append(RedisSink(r.url, config.name, maxlen=r.maxlen, spool_dir=r.spool_dir, stream=r.stream, spool_max_bytes=r.spool_max_bytes))
     if config.sinks.jsonl is not None:
-        sinks.append(JsonlSink(config.sinks.jsonl.path))
+        sinks.append(JsonlSink(config.sinks.jsonl.path, fsync=config.sinks.jsonl.fsync))
     if not sinks:
         sinks.append(JsonlSink("streamvg-events.jsonl"))
     return sinks

@@ -19,8 +19,10 @@ Delivery contract (at-least-once, in order):
   unconfirmed batch is spooled, oldest first, before newer events.
 * A batch that failed half-way is spooled whole, so Redis may see some events twice;
   every event has a deterministic `event_id` and `streamvg.consumer.Subscriber` drops
-  duplicates. Nothing is dropped while the spool has room; spool overflow drops the
-  oldest events, counted in `stats.dropped` and logged.
+  duplicates. Nothing is dropped while the spool has room and its disk takes writes;
+  overflow drops the oldest events (`stats.dropped_by_reason["full"]`), a full or
+  unwritable disk the new ones (`"disk"`), each logged once per episode with the count.
+  "Unreachable" and "refuses writes" (out of memory, read-only) are told apart in the log.
 * `publish()` never waits on a dead Redis for more than one socket timeout: once Redis is
   down, publishing writes to the local spool only and the network is left to the
   background thread.

@@ -355,12 +355,16 @@ class Spool:
                 "(%d so far); free space under spool_dir or make it writable", self.directory, why, n,
             )
 
-    def _end_episode(self, reason: str) -> None:
+    def _end_episode(self, reason: str, *, closing: bool = False) -> None:
         n = self._episodes.pop(reason, None)
         if n is not None:
             what = "full" if reason == "full" else "unwritable"
-            log.warning("spool %s is no longer %s; %d record(s) were dropped while it was",
-                        self.directory, what, n)
+            if closing:
+                log.warning("spool %s closed while %s; %d record(s) were dropped meanwhile",
+                            self.directory, what, n)
+            else:
+                log.warning("spool %s is no longer %s; %d record(s) were dropped while it was",
+                            self.directory, what, n)
 
     # --- state ---------------------------------------------------------------------
 
@@ -649,7 +653,7 @@ class Spool:
                     os.close(self._rfd[1])
                 self._rfd = None
             for reason in list(self._episodes):
-                self._end_episode(reason)
+                self._end_episode(reason, closing=True)
             if self._lockf is None:
                 return
             if len(self) == 0 and not any(self.lifetime_dropped.values()):
