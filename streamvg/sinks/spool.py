@@ -156,7 +156,8 @@ class Spool:
     Attributes:
         dropped_by_reason: Records lost by this instance, by reason (`DROP_REASONS`).
         lifetime_dropped: The same, summed over every run of this spool folder (kept in
-            the cursor file), so a check across restarts can account for every record.
+            the cursor file, with the damage already counted so that a restart does not
+            count it again; a lost cursor file starts both afresh).
 
     Raises:
         PublishError: another process holds the folder. A folder that cannot be created
@@ -201,6 +202,7 @@ class Spool:
         self._episodes: dict[str, int] = {}  # reason -> records dropped in the open episode
         self._cursor_broken = False
         self._cap_dropped: dict[int, int] = {}  # seq of a segment the cap dropped -> its head then
+        self._damage: dict[str, int] = {}  # segment token -> damaged records already counted
         self._lockf: int | None = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -241,8 +243,12 @@ class Spool:
                     path.rename(path.with_suffix(".unreadable"))
                 continue
             records, lost = scan_records(data)
+            # Damage counted by an earlier run (the cursor remembers it) is not counted twice.
+            new = lost - self._damage.get(token, 0)
+            if new > 0:
+                self._lose("corrupt", new, f"segment {path.name} is damaged; its other records are kept")
             if lost:
-                self._lose("corrupt", lost, f"segment {path.name} is damaged; its other records are kept")
+                self._damage[token] = max(lost, self._damage.get(token, 0))
             if not records and not lost:
                 path.unlink(missing_ok=True)  # an empty file holds nothing
                 continue
@@ -299,6 +305,7 @@ class Spool:
             dropped = d.get("dropped", {})
             for k in DROP_REASONS:
                 self.lifetime_dropped[k] = int(dropped.get(k, 0))
+            self._damage = {str(k): int(v) for k, v in d.get("damage", {}).items()}
             return int(d["seq"]), str(d["token"]), int(d["offset"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
@@ -313,7 +320,10 @@ class Spool:
             offset = s.starts[self._head] if self._head < s.count else s.size
         else:
             seq, token, offset = self._next_seq - 1, "", 0
-        body = json.dumps({"seq": seq, "token": token, "offset": offset, "dropped": self.lifetime_dropped})
+        live = {s.token for s in self._segments}
+        damage = {k: v for k, v in self._damage.items() if k in live}
+        body = json.dumps({"seq": seq, "token": token, "offset": offset, "dropped": self.lifetime_dropped,
+                           "damage": damage})
         tmp = self.directory / "cursor.tmp"
         try:
             tmp.write_text(body)
@@ -592,6 +602,7 @@ class Spool:
                     out.append(data[off + _HEADER.size : off + _HEADER.size + seg.lens[i]])
                 if bad:
                     self._lose("corrupt", bad, f"segment {seg.path.name} was damaged after it was opened")
+                    self._damage[seg.token] = self._damage.get(seg.token, 0) + bad
                     if not out:
                         self._head = end_i  # lost already: move past them
                         self._write_cursor()
