@@ -426,3 +426,23 @@ def test_doctests() -> None:
     import streamvg.sinks.spool as spool_module
 
     assert doctest.testmod(spool_module).failed == 0
+
+
+def test_spool_of_the_previous_format_is_replayed_not_stranded(tmp_path: Path) -> None:
+    """Segments written before framing (an upgrade with events still spooled): the records
+    after the old cursor are replayed, in order, and the old files go only after that."""
+    import struct
+    import zlib
+
+    def old(payloads: list[bytes]) -> bytes:
+        return b"".join(struct.pack("<II", len(p), zlib.crc32(p)) + p for p in payloads)
+
+    first = [b"%d:" % i for i in range(10)]
+    (tmp_path / "seg-000000000001.log").write_bytes(old(first))
+    (tmp_path / "seg-000000000002.log").write_bytes(old([b"%d:" % i for i in range(10, 20)]) + b"\x05\x00")
+    offset = len(old(first[:4]))  # the old run delivered 0..3
+    (tmp_path / "cursor").write_text(json.dumps({"seq": 1, "offset": offset, "index": 4}))
+    sp = Spool(tmp_path)
+    assert _ids(_drain(sp)) == list(range(4, 20))
+    sp.close()
+    assert not list(tmp_path.glob("seg-*.log"))

@@ -224,6 +224,7 @@ class Spool:
     # --- opening -------------------------------------------------------------------
 
     def _open_existing(self) -> None:
+        legacy = self._read_legacy()
         found: list[tuple[int, str, Path]] = []
         for p in self.directory.glob("seg-*.log"):
             parts = p.stem.split("-")
@@ -262,6 +263,8 @@ class Spool:
         if cursor is not None:
             self._next_seq = max(self._next_seq, cursor[0] + 1)
             self._apply_cursor(*cursor)
+        if legacy:
+            self._adopt_legacy(legacy)
         elif self._segments and (self.directory / "cursor").exists():
             log.warning(
                 "spool %s: the cursor file is unreadable; replaying every spooled record from the "
@@ -274,6 +277,75 @@ class Spool:
         n = len(self)
         if n:
             log.info("spool %s holds %d undelivered records from an earlier run", self.directory, n)
+
+    def _read_legacy(self) -> list[tuple[Path, list[bytes]]]:
+        """Records of segments written before framing (`seg-N.log`: [u32 length][u32
+        crc32 of the payload][payload]), from the old cursor on, so an upgrade loses nothing."""
+        paths = sorted(p for p in self.directory.glob("seg-*.log") if len(p.stem.split("-")) == 2)
+        if not paths:
+            return []
+        start_seq, start_off = 0, 0
+        try:
+            d = json.loads((self.directory / "cursor").read_text())
+            if "token" not in d:
+                start_seq, start_off = int(d["seq"]), int(d["offset"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        out: list[tuple[Path, list[bytes]]] = []
+        for p in paths:
+            try:
+                seq = int(p.stem.split("-")[1])
+                data = p.read_bytes()
+            except (ValueError, OSError):
+                continue
+            pos = start_off if seq == start_seq else 0
+            if seq < start_seq:
+                pos = len(data)  # delivered by the old version
+            records: list[bytes] = []
+            while pos + 8 <= len(data):
+                length, crc = struct.unpack_from("<II", data, pos)
+                end = pos + 8 + length
+                if end > len(data) or zlib.crc32(data[pos + 8 : end]) != crc:
+                    break  # the old format cannot resynchronise: the rest is its torn tail
+                records.append(data[pos + 8 : end])
+                pos = end
+            out.append((p, records))
+        return out
+
+    def _adopt_legacy(self, legacy: list[tuple[Path, list[bytes]]]) -> None:
+        """Rewrite old-format records as one framed segment ahead of the rest, then delete
+        the old files (a crash in between replays them twice, never loses them)."""
+        records = [r for _p, rs in legacy for r in rs]
+        if records:
+            seq = (self._segments[0].seq - 1) if self._segments else self._next_seq
+            if seq < 1:  # no number left before the first segment: put them after (rare)
+                seq = self._next_seq
+            token = secrets.token_hex(4)
+            path = self.directory / f"seg-{seq:012d}-{token}.log"
+            data = b"".join(frame(r) for r in records)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            seg = _Segment(seq, token, path, size=len(data))
+            pos = 0
+            for r in records:
+                seg.starts.append(pos)
+                seg.lens.append(len(r))
+                pos += _HEADER.size + len(r)
+            if self._segments and seq < self._segments[0].seq:
+                self._segments.appendleft(seg)
+                self._head = 0  # the old records come first, before the new segment's head
+            else:
+                self._segments.append(seg)
+            self._next_seq = max(self._next_seq, seq + 1)
+            self._total += seg.count
+            self._bytes += seg.size
+            log.info("spool %s: %d records of the previous spool format kept", self.directory, len(records))
+        for p, _rs in legacy:
+            p.unlink(missing_ok=True)
 
     def _apply_cursor(self, seq: int, token: str, offset: int) -> None:
         match = next((s for s in self._segments if s.seq == seq and s.token == token), None)
