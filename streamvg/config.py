@@ -42,9 +42,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from streamvg.errors import ConfigError
-from streamvg.redaction import mask_url
+from streamvg.redaction import mask_url, remember_secret, remember_url_secret
 
 __all__ = [
+    "ControlConfig",
     "EngineConfig",
     "JsonlSinkConfig",
     "PipelineConfig",
@@ -251,6 +252,10 @@ class JsonlSinkConfig(_Model):
     """Write events as JSON lines."""
 
     path: str = Field(default="streamvg-events.jsonl", description="File to append events to ('-' = stdout).")
+    fsync: bool = Field(
+        default=False, description="fsync every written batch: survives a power cut, costs a disk flush per batch "
+        "(a killed process loses at most the last batch either way)."
+    )
 
 
 class SinksConfig(_Model):
@@ -258,6 +263,24 @@ class SinksConfig(_Model):
 
     redis: RedisSinkConfig | None = Field(default=None, description="Redis Streams + pub/sub sink.")
     jsonl: JsonlSinkConfig | None = Field(default=None, description="JSON-lines sink.")
+
+
+class ControlConfig(_Model):
+    """Limits on the control stream `streamvg:{pipeline}:control` (`streamvg query add`), so a
+    hostile or careless command cannot stall the pipeline or blow up every event. A command
+    beyond a limit is rejected with one log line and removed from the stream."""
+
+    max_command_bytes: int = Field(
+        default=64 * 1024, ge=256, description="Largest control command accepted, in bytes of JSON."
+    )
+    max_query_chars: int = Field(
+        default=1000, ge=1, description="Longest query text a control command may add, in characters "
+        "(every event of the query carries it)."
+    )
+    max_queries: int = Field(
+        default=100, ge=1, description="Standing queries at most; an add beyond it is rejected "
+        "(each query multiplies the engine's work per window)."
+    )
 
 
 class PipelineConfig(BaseSettings):
@@ -274,6 +297,7 @@ class PipelineConfig(BaseSettings):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
 
     @classmethod
     def settings_customise_sources(
@@ -294,6 +318,20 @@ class PipelineConfig(BaseSettings):
         if not _NAME_RE.match(v):
             raise ValueError(f"{v!r} is not a valid pipeline name; use letters, digits, '_', '.' or '-'")
         return v
+
+    @model_validator(mode="after")
+    def _remember_secrets(self) -> PipelineConfig:
+        # Every password of the file is masked by value from now on, wherever it shows up
+        # (a library's message may print it in a form the URL masking cannot recognise).
+        for src in self.sources:
+            remember_url_secret(src.uri)
+        if self.sinks.redis is not None:
+            remember_url_secret(self.sinks.redis.url)
+        if self.engine.base_url:
+            remember_url_secret(self.engine.base_url)
+        if self.engine.api_key:
+            remember_secret(self.engine.api_key)
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> PipelineConfig:

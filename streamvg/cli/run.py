@@ -160,6 +160,7 @@ def search(
     if json_out:
         result: dict[str, Any] = {"segments": [s.to_json() for s in segments]}
         result.update(outcome.summary_fields(summary, failures, code))
+        result.update(_delivery_json(summary))
         typer.echo(json.dumps(result))
     else:
         console = Console()
@@ -371,6 +372,7 @@ def monitor(
             "events_published": summary.events_published, "shutdown_s": round(time.monotonic() - t0, 3),
         }
         result.update(outcome.summary_fields(summary, failures, code))
+        result.update(_delivery_json(summary))
         result["cameras"] = {n: {"state": c.state, "frames_in": c.frames_in, "windows_grounded": c.windows_grounded,
                                  "windows_dropped": c.windows_dropped, "windows_failed": c.windows_failed,
                                  "reconnects": c.reconnects, "detail": c.detail} for n, c in summary.cameras.items()}
@@ -384,6 +386,12 @@ def monitor(
         err_console.print(f"[red]error: {all_failed}[/]")
     if code:
         raise typer.Exit(code)
+
+
+def _delivery_json(summary: RunSummary) -> dict[str, Any]:
+    """Delivery counts for `--json`: spooled, replayed, dropped (and why)."""
+    return {"events_spooled": summary.events_spooled, "events_replayed": summary.events_replayed,
+            "events_dropped": summary.events_dropped, "dropped_by_reason": summary.dropped_by_reason}
 
 
 class _Null:

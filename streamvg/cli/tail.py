@@ -7,11 +7,14 @@ import os
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from streamvg.events import Event, event_json_schema
+
+if TYPE_CHECKING:
+    from streamvg.consumer import DeadLetter
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
@@ -50,6 +53,11 @@ def tail(
     count: Annotated[int | None, typer.Option("--count", "-n", min=1, help="Stop after N events.")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", min=0, help="Stop after this many seconds without an event.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print each event as raw JSON (one line).")] = False,
+    dead: Annotated[
+        bool,
+        typer.Option("--dead", help="Show the dead letters (streamvg:{pipeline}:dead): events a consumer group "
+                     "gave up on, with the handler's error; oldest first, then waits for new ones until --timeout."),
+    ] = False,
 ) -> None:
     """Follow a pipeline's events, one line each (time, camera, query, track, boxes), or raw JSON.
 
@@ -59,6 +67,9 @@ def tail(
     from streamvg.consumer import Subscriber, live_events
 
     redis_url = url or os.environ.get("STREAMVG_REDIS_URL") or os.environ.get("STREAMVG_SINKS__REDIS__URL") or DEFAULT_URL
+    if dead:
+        _tail_dead(redis_url, pipeline, timeout=timeout, count=count, json_out=json_out)
+        return
     if group is None and from_start:
         events = stream_events(redis_url, pipeline, timeout_s=timeout, count=count)
         sub = None
@@ -121,6 +132,19 @@ def stream_events(
                         return
     finally:
         r.close()
+def format_dead_letter(d: DeadLetter) -> str:
+    """One line for people: when, group, deliveries, the error, then the event's own line."""
+    ms = int(d.entry_id.split("-")[0])
+    clock = datetime.fromtimestamp(ms / 1000, tz=timezone.utc).astimezone().strftime("%H:%M:%S.%f")[:-3]
+    what = format_event(d.event) if d.event is not None else f"(not a valid event: {d.data[:80]!r})"
+    return f"{clock} dead in group {d.group} after {d.deliveries} deliveries: {d.error} | {what}"
+
+
+def _tail_dead(url: str, pipeline: str, *, timeout: float | None, count: int | None, json_out: bool) -> None:
+    from streamvg.consumer import dead_letters
+
+    for d in dead_letters(url, pipeline, follow=True, timeout_s=timeout, count=count):
+        typer.echo(json.dumps(d.to_json()) if json_out else format_dead_letter(d))
 
 
 def schema(

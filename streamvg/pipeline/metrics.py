@@ -13,6 +13,11 @@ def _sum_sink_stat(sinks: Sequence[Any], name: str) -> float:
     return float(sum(getattr(getattr(s, "stats", None), name, 0) for s in sinks))
 
 
+def _sum_sink_reason(sinks: Sequence[Any], reason: str) -> float:
+    return float(sum((getattr(getattr(s, "stats", None), "dropped_by_reason", None) or {}).get(reason, 0)
+                     for s in sinks))
+
+
 class PipelineMetrics:
     """Prometheus metrics, in a registry of this pipeline's own, served on `port`."""
 
@@ -44,6 +49,12 @@ class PipelineMetrics:
         for field_name in ("published", "spooled", "replayed", "dropped"):
             gauge = Gauge(f"streamvg_sink_events_{field_name}", f"Events {field_name} by the sinks", registry=self.registry)
             gauge.set_function(functools.partial(_sum_sink_stat, sinks, field_name))
+        from streamvg.sinks.spool import DROP_REASONS
+
+        by_reason = Gauge("streamvg_sink_events_dropped_by_reason", "Events lost by the sinks, by reason",
+                          ["reason"], registry=self.registry)
+        for reason in DROP_REASONS:
+            by_reason.labels(reason).set_function(functools.partial(_sum_sink_reason, sinks, reason))
 
     def close(self) -> None:
         server = self._server[0] if isinstance(self._server, tuple) else self._server

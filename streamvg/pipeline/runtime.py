@@ -25,7 +25,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -94,6 +94,14 @@ class RunSummary:
     windows_failed: int = 0
     error: str | None = None  # why the run stopped early (the engine kept failing), else None
     answers: int = 0  # (window, query) answers handled, parsed or not
+    # Delivery (summed over the sinks): events written to the outage spool, spooled events
+    # later delivered, and events lost, by reason (`full`: spool cap, `disk`: the spool or
+    # file could not be written, `corrupt`/`unreadable`: damaged spool records, `shutdown`:
+    # produced after the sinks had closed).
+    events_spooled: int = 0
+    events_replayed: int = 0
+    events_dropped: int = 0
+    dropped_by_reason: dict[str, int] = field(default_factory=dict)
 
 
 
@@ -177,6 +185,9 @@ class Pipeline:
         self._done = threading.Event()
         self._engine_error: BaseException | None = None
         self.metrics = PipelineMetrics(metrics_port) if metrics_port else None
+        self._outputs_lock = threading.Lock()  # publishing vs closing the sinks
+        self._outputs_closed = False
+        self._lost_at_shutdown = 0
 
     # --- queries --------------------------------------------------------------------
 
@@ -190,7 +201,8 @@ class Pipeline:
         q = query_from_config(query)
         with self._queries_lock:
             self._queries[q.id] = q
-        log.info("query %s added: %s", q.id, q.text)
+        # Shortened: a long text in every log line costs more than it tells.
+        log.info("query %s added: %r", q.id, q.text if len(q.text) <= 200 else q.text[:200] + "…")
 
     def remove_query(self, query_id: str) -> bool:
         """Stop asking query `query_id`; its open tracks end. Returns whether it existed."""
@@ -229,7 +241,9 @@ class Pipeline:
         self._threads.append(self._engine_thread)
         if self._control_enabled and self.config.sinks.redis is not None:
             follower = ControlFollower(
-                self.config.sinks.redis.url, self.name, add=self.add_query, remove=self.remove_query, stop=self._stop
+                self.config.sinks.redis.url, self.name, add=self.add_query, remove=self.remove_query, stop=self._stop,
+                limits=self.config.control, query_count=lambda: len(self.queries),
+                config_ids=[q.id for q in self.config.queries],
             )
             self._threads.append(threading.Thread(target=follower.run, name="control", daemon=True))
         for t in self._threads:
@@ -256,13 +270,15 @@ class Pipeline:
             t.join(2.5)
         self._queue.close()
         deadline = stop_started + timeout
+        # Order: sources are closed; the engine finishes its batch and ends the tracks
+        # (publishing); only then are the sinks flushed and closed.
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         engine_thread = getattr(self, "_engine_thread", None)
         if engine_thread is not None and engine_thread.is_alive():
             _remember_unfinished(engine_thread)
             log.warning("the engine was still computing %.1f s after the stop; its batch is abandoned", timeout)
-        self._close_outputs()
+        self._close_outputs(deadline)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every file source is processed (never for live sources unless stopped)."""
@@ -296,7 +312,26 @@ class Pipeline:
             windows_failed=self.failures.total,
             error=mask_text(str(self._engine_error)) if self._engine_error is not None
             and not isinstance(self._engine_error, KeyboardInterrupt) else None,
+            **self.delivery(),
         )
+
+    def delivery(self) -> dict[str, Any]:
+        """The sinks' delivery counts summed: events_spooled, events_replayed, events_dropped
+        and dropped_by_reason (see `RunSummary`)."""
+        spooled = replayed = 0
+        reasons: dict[str, int] = {}
+        for sink in self._sinks or ():
+            for part in getattr(sink, "sinks", None) or [sink]:  # a FanoutSink's members
+                st = getattr(part, "stats", None)
+                spooled += int(getattr(st, "spooled", 0))
+                replayed += int(getattr(st, "replayed", 0))
+                for k, v in (getattr(st, "dropped_by_reason", None) or {}).items():
+                    reasons[k] = reasons.get(k, 0) + int(v)
+        if self._lost_at_shutdown:
+            reasons["shutdown"] = self._lost_at_shutdown
+        reasons = {k: v for k, v in reasons.items() if v}
+        return {"events_spooled": spooled, "events_replayed": replayed,
+                "events_dropped": sum(reasons.values()), "dropped_by_reason": reasons}
 
     def segments(self) -> list[Segment]:
         return self.processor.segments()
@@ -493,21 +528,40 @@ class Pipeline:
     # --- outputs --------------------------------------------------------------------
 
     def _publish(self, event: Event) -> None:
-        for sink in self._sinks or ():
-            sink.publish(event)
+        with self._outputs_lock:
+            if self._outputs_closed:
+                # Produced after shutdown closed the sinks (the engine outlived stop()'s
+                # deadline): counted, logged once, never raised into the engine thread.
+                self._lost_at_shutdown += 1
+                if self._lost_at_shutdown == 1:
+                    log.warning("an event was produced after the sinks closed; it is dropped and counted "
+                                "(dropped_by_reason.shutdown)")
+                return
+            for sink in self._sinks or ():
+                sink.publish(event)
         self.events_published += 1
         if self.metrics:
             self.metrics.events.labels(event.kind).inc()
 
-    def _close_outputs(self) -> None:
+    def _close_outputs(self, deadline: float | None = None) -> None:
+        """Last step of shutdown, after sources stopped and the engine drained: flush and
+        close the sinks (a spool replay gets what is left of `deadline`), then the engine."""
         if self.thumbnails_dir is not None:
             self._write_thumbnails()
-        for sink in self._sinks or ():
+        with self._outputs_lock:
+            sinks = [] if self._outputs_closed else list(self._sinks or ())
+            self._outputs_closed = True
+        for sink in sinks:
             try:
                 sink.flush()
-            finally:
                 if self._owns_sinks:
-                    sink.close()
+                    left = 1.0 if deadline is None else max(0.5, deadline - time.monotonic())
+                    if isinstance(sink, RedisSink):
+                        sink.close(drain_timeout_s=left)
+                    else:
+                        sink.close()
+            except Exception as exc:  # one failing sink must not keep the others open
+                log.error("closing sink %r failed: %s", sink, mask_text(str(exc)))
         if self._owns_engine and self._engine is not None:
             self._engine.close()
         if self.metrics:
@@ -581,7 +635,7 @@ def default_sinks(config: PipelineConfig) -> list[Sink]:
     if r is not None:
         sinks.append(RedisSink(r.url, config.name, maxlen=r.maxlen, spool_dir=r.spool_dir, stream=r.stream, spool_max_bytes=r.spool_max_bytes))
     if config.sinks.jsonl is not None:
-        sinks.append(JsonlSink(config.sinks.jsonl.path))
+        sinks.append(JsonlSink(config.sinks.jsonl.path, fsync=config.sinks.jsonl.fsync))
     if not sinks:
         sinks.append(JsonlSink("streamvg-events.jsonl"))
     return sinks

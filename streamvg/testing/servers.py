@@ -44,7 +44,8 @@ def wait_until(
 
 
 class RedisServer:
-    """A private `redis-server` process (no persistence) that a test can kill and restart.
+    """A private `redis-server` process (no persistence unless `persist=True`) that a test
+    can kill and restart.
 
     Example:
         with RedisServer(password="pw") as srv:
@@ -52,13 +53,16 @@ class RedisServer:
             srv.kill(); srv.start()  # same port, empty data
     """
 
-    def __init__(self, *, port: int | None = None, password: str | None = None) -> None:
+    def __init__(self, *, port: int | None = None, password: str | None = None, persist: bool = False) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed; install Debian's redis-server package")
         self.exe = exe
         self.port = port or free_port()
         self.password = password
+        # persist: an append-only file fsync'd on every write, so a killed server keeps
+        # everything it acknowledged (delivery tests count what reached Redis).
+        self.persist = persist
         self._dir = Path(tempfile.mkdtemp(prefix="streamvg-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -82,8 +86,10 @@ class RedisServer:
             return self
         args = [
             self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(self._dir), "--daemonize", "no",
+            "--appendonly", "yes" if self.persist else "no", "--dir", str(self._dir), "--daemonize", "no",
         ]
+        if self.persist:
+            args += ["--appendfsync", "always"]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
