@@ -5,11 +5,9 @@ restarted from its append-only file) for 10 s in the middle of the run."""
 from __future__ import annotations
 
 import collections
-import threading
 import time
 from pathlib import Path
 
-import pytest
 import redis
 
 from streamvg.config import load_pipeline
@@ -35,24 +33,26 @@ def _key(events: list[Event]) -> tuple[set[str], collections.Counter[str], set[t
     return {e.event_id for e in body}, collections.Counter(e.kind for e in body), status
 
 
-@pytest.mark.parametrize("outage_s", [0.0, 10.0], ids=["steady", "redis-killed-10s"])
-def test_fleet_publishes_what_one_process_does(tmp_path: Path, outage_s: float) -> None:
-    scene = make_scene(tmp_path, duration_s=8.0)
+def test_fleet_publishes_what_one_process_does_through_a_redis_kill(tmp_path: Path) -> None:
+    outage_s = 10.0
+    scene = make_scene(tmp_path, duration_s=6.0)
     expected = _one_process(tmp_path, scene)
     ids, kinds, status = _key(expected)
     assert kinds["track_end"] > 0 and kinds["grounding"] > 0 and status
     with RedisServer(persistent=True) as srv:
         # 50 ms per window stands in for a model, so the outage lands mid-run
-        path = pipeline_file(tmp_path, scene, name="par", redis_url=srv.url, latency_s=0.05 if outage_s else 0.0,
-                             scaleout={"lease_s": 2.0})
+        path = pipeline_file(tmp_path, scene, name="par", redis_url=srv.url, latency_s=0.05,
+                             scaleout={"lease_s": 2.0, "max_backlog": 4})  # files wait on the fleet
         client = redis.Redis.from_url(srv.url)
         logs = [tmp_path / f"ground{i}.log" for i in range(2)]
         procs = [spawn(path, "ground", log=logs[0]), spawn(path, "ground", log=logs[1])]
         procs.append(spawn(path, "ingest", log=tmp_path / "ingest.log"))
         try:
             if outage_s:
-                wait_until(lambda: int(client.get("streamvg:par:windows_grounded") or 0) >= 10, timeout=60,
+                # both roles are at work: ingest still has windows to hand over, workers to ground
+                wait_until(lambda: int(client.get("streamvg:par:windows_grounded") or 0) >= 2, timeout=60,
                            what="some windows grounded")
+                assert procs[2].poll() is None
                 srv.kill()
                 t0 = time.monotonic()
                 while time.monotonic() - t0 < outage_s:
@@ -82,6 +82,7 @@ def test_fleet_publishes_what_one_process_does(tmp_path: Path, outage_s: float) 
     assert got_ids == ids
     assert got_kinds == kinds  # no event published twice, none missing
     assert status <= got_status
-    if outage_s:
-        text = "".join(lg.read_text() for lg in logs)
-        assert text.count("Redis is unreachable") <= 2 and text.count("Redis is back") >= 1
+    for lg in [*logs, tmp_path / "ingest.log"]:  # one line when it goes, one when it is back
+        text = lg.read_text()
+        assert 1 <= text.count("Redis is unreachable") <= 2 and text.count("Redis is back") >= 1, text[-2000:]
+        assert "Traceback" not in text
