@@ -26,6 +26,7 @@ from streamvg.scaleout.codec import (
     decode_entry,
     decode_window,
     encode_window,
+    end_marker,
     jpeg_size,
 )
 from streamvg.scaleout.ground import GroundWorker, check_state_size
@@ -44,6 +45,7 @@ __all__ = [
     "decode_entry",
     "decode_window",
     "encode_window",
+    "end_marker",
     "jpeg_size",
     "key",
     "work_key",
