@@ -40,9 +40,9 @@ from streamvg.redaction import mask_url
 __all__ = [
     "EngineConfig",
     "JsonlSinkConfig",
+    "MetricsConfig",
     "PipelineConfig",
     "QueryConfig",
-    "MetricsConfig",
     "RedisSinkConfig",
     "SamplingConfig",
     "ScaleoutConfig",

@@ -20,12 +20,19 @@ from typing import Any
 
 import numpy as np
 import redis
+from _fleet import (
+    make_scene,
+    pipeline_file,
+    spawn,
+    stream_events,
+    summary,
+    work_left,
+    write_answers,
+)
 
 from streamvg.scaleout import Commit, Fence
 from streamvg.testing.servers import RedisServer, wait_until
 from streamvg.testing.synthetic import replay_records
-
-from _fleet import make_scene, pipeline_file, spawn, stream_events, summary, work_left, write_answers
 
 
 def _state_time(data: bytes | None) -> float | None:

@@ -9,13 +9,12 @@ import time
 from pathlib import Path
 
 import redis
+from _fleet import make_scene, pipeline_file, spawn, stream_events, summary, work_left
 
 from streamvg.config import load_pipeline
 from streamvg.events import Event
 from streamvg.pipeline import Pipeline
 from streamvg.testing.servers import RedisServer, wait_until
-
-from _fleet import make_scene, pipeline_file, spawn, stream_events, summary, work_left
 
 
 def _one_process(tmp: Path, scene) -> list[Event]:  # type: ignore[no-untyped-def]

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import redis
 import yaml
+from _fleet import spawn, stream_events, summary
 
 from streamvg.config import PipelineConfig
 from streamvg.grounding import Grounding
@@ -25,8 +26,6 @@ from streamvg.pipeline import TrackingStage
 from streamvg.scaleout import encode_window, end_marker
 from streamvg.testing.servers import RedisServer, wait_until
 from streamvg.types import Detections, Frame, Query, Window
-
-from _fleet import spawn, stream_events, summary
 
 CAMS = ["good", "work", "junk", "bomb", "shape", "future"]
 PTS = [round(0.2 * k, 3) for k in range(6)]
@@ -75,7 +74,7 @@ def _zip_bomb(inflated: int) -> bytes:
 
 
 def _huge_jpeg() -> bytes:
-    ok, buf = cv2.imencode(".jpg", np.zeros((16, 16, 3), np.uint8))
+    _ok, buf = cv2.imencode(".jpg", np.zeros((16, 16, 3), np.uint8))
     data = bytearray(buf.tobytes())
     i = data.index(b"\xff\xc0")
     data[i + 5 : i + 9] = (16384).to_bytes(2, "big") * 2  # declares 16384 x 16384
