@@ -103,7 +103,7 @@ def check_state_size(data: bytes, max_bytes: int) -> None:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             infos = z.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise PoisonEntry(f"is not a saved tracker state ({exc})") from None
+        raise PoisonEntry(f"is unreadable (not a saved tracker state: {exc})") from None
     declared = sum(i.file_size for i in infos)
     if len(infos) > 10_000 or declared > max_bytes:
         raise PoisonEntry(
@@ -185,6 +185,7 @@ class GroundWorker:
         self._cursor: dict[str, str] = {}  # camera -> last work entry id done
         self._unproven: set[str] = set()  # cameras whose imported state no window has passed yet
         self._lost: set[str] = set()
+        self._run_stop: threading.Event | None = stop
         self._lock = threading.Lock()
         self.windows_grounded = 0
         self.leases_lost = 0
@@ -303,6 +304,7 @@ class GroundWorker:
     def _commit(self, cam: str, c: Commit, stop: threading.Event | None = None) -> bool:
         """Apply `c` for `cam` under its fencing token, retrying through outages; False
         when the token is stale (the camera is dropped) or `stop` came first."""
+        stop = stop or self._run_stop
         while True:
             lease = self.owned.get(cam)
             if lease is None:
@@ -422,6 +424,7 @@ class GroundWorker:
 
     def run(self, stop: threading.Event, *, block_ms: int = 200) -> None:
         """Work until `stop` is set, through Redis outages; gives its cameras back on the way out."""
+        self._run_stop = stop
         hb_stop = threading.Event()
         hb = threading.Thread(target=self._heartbeat_loop, args=(hb_stop,), name="streamvg-lease-heartbeat", daemon=True)
         hb.start()
