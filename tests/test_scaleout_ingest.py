@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from streamvg.config import ScaleoutConfig
 from streamvg.grounding import Grounding
-from streamvg.scaleout import WindowPublisher, decode_entry, encode_window, jpeg_size
+from streamvg.scaleout import PoisonEntry, WindowPublisher, decode_entry, encode_window, jpeg_size
 from streamvg.scaleout.ground import _restore_sizes
 from streamvg.testing.servers import RedisServer, free_port, wait_until
 from streamvg.types import Detections, Frame, Window
@@ -76,3 +76,33 @@ def test_buffer_keeps_freshest_live_windows_and_files_wait_for_redis() -> None:
             assert pub.published == 11 and pub.outage.outages == 1 and pub.outage.down_since is None
     finally:
         pub.close()
+
+
+_GOOD = encode_window(Window((Frame("c", 0, 0.0, np.full((24, 32, 3), 90, np.uint8)), Frame("c", 1, 0.2, np.zeros((24, 32, 3), np.uint8)))))
+
+
+@settings(max_examples=150, deadline=None)
+@given(field=st.sampled_from(sorted(_GOOD)), pos=st.integers(0, 10_000), junk=st.binary(min_size=0, max_size=12),
+       cut=st.booleans())
+def test_a_corrupted_entry_decodes_or_is_poison(field: str, pos: int, junk: bytes, cut: bool) -> None:
+    """Any corruption of a work entry's bytes (overwritten, truncated) either still decodes or
+    raises `PoisonEntry` with a reason: never another exception, never a huge allocation."""
+    data = _GOOD[field]
+    pos %= max(1, len(data))
+    bad = data[:pos] + junk if cut else data[:pos] + junk + data[pos + len(junk):]
+    try:
+        item = decode_entry({**_GOOD, field: bad}, camera="c", max_bytes=1 << 20, max_pixels=64 * 64)
+    except PoisonEntry as exc:
+        assert str(exc)
+    else:
+        assert item.window is not None and all(f.image.size <= 64 * 64 * 3 for f in item.window.frames)
+
+
+def test_metrics_bind_the_configured_address() -> None:
+    from streamvg.pipeline import PipelineMetrics
+
+    m = PipelineMetrics(free_port(), address="127.0.0.1")
+    try:
+        assert m._server[0].server_address[0] == "127.0.0.1"
+    finally:
+        m.close()
