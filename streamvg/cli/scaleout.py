@@ -69,6 +69,13 @@ def run_role(cfg: PipelineConfig, role: str, *, metrics_port: int | None, durati
             pipe = Pipeline(cfg, sinks=_slot_sinks(cfg, "ingest"), window_sink=publisher.put,
                             metrics_port=metrics_port, control=False)
             sinks = pipe._sinks or []
+            if pipe.metrics is not None:
+                from prometheus_client import Gauge
+
+                Gauge("streamvg_scaleout_windows_dropped", "Stale live windows dropped by ingest (buffer or backlog)",
+                      registry=pipe.metrics.registry).set_function(lambda: float(publisher.dropped))
+                Gauge("streamvg_scaleout_windows_buffered", "Windows waiting in ingest for Redis",
+                      registry=pipe.metrics.registry).set_function(lambda: float(publisher.pending()))
             pipe.start()
             while not stop.is_set() and not pipe.wait(0.2):
                 if publisher._fatal is not None:

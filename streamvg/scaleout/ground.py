@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -195,6 +196,16 @@ class GroundWorker:
         self.metrics = PipelineMetrics(metrics_port, address=config.metrics.address) if metrics_port else None
         if self.metrics:
             self.metrics.watch_sinks(self.sinks)
+            from prometheus_client import Gauge
+
+            for name, doc in (("leases_lost", "Cameras this worker lost (lease expired or taken over)"),
+                              ("commits_refused", "Commits refused because the fencing token was stale"),
+                              ("dead_letters", "Work entries and saved states dead-lettered")):
+                Gauge(f"streamvg_scaleout_{name}", doc, registry=self.metrics.registry).set_function(
+                    functools.partial(self._counter, name))
+
+    def _counter(self, name: str) -> float:
+        return float(getattr(self, name))
 
     def _wait_for_redis(self, stop: threading.Event | None) -> None:
         """Until Redis answers (an outage at start is ridden out like any other)."""
