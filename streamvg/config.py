@@ -48,10 +48,12 @@ __all__ = [
     "ControlConfig",
     "EngineConfig",
     "JsonlSinkConfig",
+    "MetricsConfig",
     "PipelineConfig",
     "QueryConfig",
     "RedisSinkConfig",
     "SamplingConfig",
+    "ScaleoutConfig",
     "SinksConfig",
     "SourceConfig",
     "TrackerConfig",
@@ -283,6 +285,43 @@ class ControlConfig(_Model):
     )
 
 
+class ScaleoutConfig(_Model):
+    """Scale-out roles (`streamvg monitor --role ingest|ground`): leases, limits, buffers.
+
+    A camera is leased to one ground worker; the lease is renewed by a heartbeat thread
+    every `heartbeat_s`, however long grounding takes, and moves to another worker
+    `lease_s` after its owner stopped renewing (died, froze, lost Redis).
+    """
+
+    lease_s: float = Field(default=5.0, gt=0, description="Seconds a camera stays with a worker that stopped renewing its lease; shorter moves a dead worker's cameras sooner but a worker paused longer than this (GC, swap, SIGSTOP) loses them.")
+    heartbeat_s: float | None = Field(default=None, gt=0, description="Seconds between lease renewals (default lease_s / 3); must be below lease_s.")
+    max_window_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Largest work entry (a window's JPEG frames and metadata) a ground worker decodes, in bytes; larger ones are dead-lettered.")
+    max_frame_pixels: int = Field(default=4096 * 4096, ge=64 * 64, description="Largest frame (width × height, read from the JPEG header before decoding) a ground worker decodes; larger windows are dead-lettered.")
+    max_state_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="Largest saved tracker state, inflated, in bytes (checked against the archive's declared sizes before inflating); larger states are dead-lettered and the camera's tracks restart clean.")
+    buffer_windows: int = Field(default=256, ge=1, description="Windows per camera the ingest role keeps in memory while Redis is unreachable; live cameras then drop their stalest (counted), files wait.")
+    max_backlog: int = Field(default=1000, ge=1, description="Windows a camera's work stream may hold: live cameras drop their stalest beyond it (counted), files wait for the ground workers.")
+    jpeg_quality: int = Field(default=90, ge=10, le=100, description="JPEG quality of frames on the work streams.")
+
+    @model_validator(mode="after")
+    def _check_heartbeat(self) -> ScaleoutConfig:
+        if self.heartbeat_s is not None and self.heartbeat_s >= self.lease_s:
+            raise ValueError(
+                f"heartbeat_s must be below lease_s (= {self.lease_s}), or leases expire between renewals; "
+                f"the value given is {self.heartbeat_s}"
+            )
+        return self
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        return self.heartbeat_s if self.heartbeat_s is not None else self.lease_s / 3.0
+
+
+class MetricsConfig(_Model):
+    """The Prometheus endpoint (served when `--metrics-port` is given)."""
+
+    address: str = Field(default="127.0.0.1", description="Address the metrics port binds: 127.0.0.1 (this host only) or 0.0.0.0 (every interface; containers, whose probes and scrapers come from outside).")
+
+
 class PipelineConfig(BaseSettings):
     """A whole pipeline file. Environment variables `STREAMVG_<SECTION>__<FIELD>` override it."""
 
@@ -298,6 +337,8 @@ class PipelineConfig(BaseSettings):
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
+    scaleout: ScaleoutConfig = Field(default_factory=ScaleoutConfig, description="Scale-out roles: leases, limits, buffers.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint.")
 
     @classmethod
     def settings_customise_sources(

@@ -19,9 +19,10 @@ def _sum_sink_reason(sinks: Sequence[Any], reason: str) -> float:
 
 
 class PipelineMetrics:
-    """Prometheus metrics, in a registry of this pipeline's own, served on `port`."""
+    """Prometheus metrics, in a registry of this pipeline's own, served on `address:port`
+    (`metrics.address`: 127.0.0.1 keeps them on this host, 0.0.0.0 opens every interface)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, address: str = "127.0.0.1") -> None:
         from prometheus_client import (
             CollectorRegistry,
             Counter,
@@ -40,7 +41,7 @@ class PipelineMetrics:
         self.engine_latency = Histogram("streamvg_engine_latency_seconds", "Engine batch latency", registry=self.registry)
         self.events = Counter("streamvg_events_published", "Events published", ["kind"], registry=self.registry)
         self.camera_up = Gauge("streamvg_camera_up", "1 when the camera is streaming", ["camera"], registry=self.registry)
-        self._server: Any = start_http_server(port, addr="0.0.0.0", registry=self.registry)
+        self._server: Any = start_http_server(port, addr=address, registry=self.registry)
 
     def watch_sinks(self, sinks: Sequence[Any]) -> None:
         """Export the sinks' delivery counters (published, spooled, replayed, dropped)."""

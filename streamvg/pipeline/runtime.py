@@ -184,7 +184,7 @@ class Pipeline:
         self._started_at = 0.0
         self._done = threading.Event()
         self._engine_error: BaseException | None = None
-        self.metrics = PipelineMetrics(metrics_port) if metrics_port else None
+        self.metrics = PipelineMetrics(metrics_port, address=config.metrics.address) if metrics_port else None
         self._outputs_lock = threading.Lock()  # publishing vs closing the sinks
         self._outputs_closed = False
         self._lost_at_shutdown = 0

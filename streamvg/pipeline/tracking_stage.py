@@ -252,6 +252,18 @@ class TrackingStage:
                 if query is not None:
                     self._queries[key] = query
 
+    def finish_camera(self, camera: str) -> None:
+        """End every track of one camera (its source ended) and publish their `track_end`."""
+        with self._lock:
+            for key in [k for k in self._trackers if k[0] == camera]:
+                self.finish(key)
+
+    def camera_time(self, camera: str) -> float | None:
+        """The latest media time fed to any tracker of `camera` (None: no state)."""
+        with self._lock:
+            times = [t for k, t in self._last_fed.items() if k[0] == camera]
+        return max(times) if times else None
+
     def drop_camera(self, camera: str) -> None:
         """Forget a camera's state without publishing anything (another worker took it)."""
         with self._lock:
