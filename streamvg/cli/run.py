@@ -118,6 +118,16 @@ def search(
     thumbnails: Annotated[Path | None, typer.Option(help="Write one JPEG per segment, box drawn, into this folder.")] = None,
     events: Annotated[Path | None, typer.Option(help="Also write every event (groundings, tracks) as JSONL here.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the segments as JSON on stdout (no table, no progress).")] = False,
+    cross_camera: Annotated[bool, typer.Option(
+        "--cross-camera", help="The files are cameras covering the same time: ground one frame per camera at "
+        "each instant and give the same object one global id across them (global tracks).")] = False,
+    one_referent: Annotated[bool, typer.Option(
+        "--one-referent", help="With --cross-camera: each query names one object, so its boxes in different "
+        "cameras at one instant are that object (no extra model calls); otherwise the model is asked which "
+        "box is the same object (correspondence requests).")] = False,
+    start: Annotated[list[str] | None, typer.Option(
+        help="With --cross-camera: common-clock seconds at a file's first frame, as CAMERA=SECONDS or, in file "
+        "order, SECONDS; repeat per file. Default: every file starts at the same instant.")] = None,
 ) -> None:
     """Search video files for what a query describes; print where it appears (segments).
 
@@ -151,6 +161,10 @@ def search(
         if isinstance(exc, ValidationError):
             raise ConfigError(format_validation_error(exc, source="streamvg search").replace("\n", "; ")) from exc
         raise
+    if cross_camera:
+        cfg = _cross_camera_config(cfg, names, start or [], one_referent=one_referent)
+    elif start or one_referent:
+        raise ConfigError("--start and --one-referent go with --cross-camera; add --cross-camera or drop them")
     if engine in ("gemvg", "gemvg-trt") and not model:
         raise ConfigError("--model is required with --engine gemvg: give a model directory or hub id (or use --engine replay --replay FILE)")
 
@@ -167,15 +181,22 @@ def search(
             for s in segments:
                 fh.write(json.dumps(s.to_json()) + "\n")
     if json_out:
-        typer.echo(json.dumps({"segments": [s.to_json() for s in segments], "interrupted": summary.interrupted,
-                               "windows_grounded": summary.windows_grounded,
-                               "windows_failed": summary.windows_failed,
-                               "unparseable_answers": summary.unparseable_answers,
-                               "error": summary.error}))
+        result: dict[str, Any] = {"segments": [s.to_json() for s in segments], "interrupted": summary.interrupted,
+                                  "windows_grounded": summary.windows_grounded,
+                                  "windows_failed": summary.windows_failed,
+                                  "unparseable_answers": summary.unparseable_answers,
+                                  "error": summary.error}
+        if summary.global_tracks is not None:
+            result["global_tracks"] = [g.to_json() for g in summary.global_tracks]
+            if pipe.identity is not None:
+                result["identity"] = pipe.identity.stats.as_dict()
+        typer.echo(json.dumps(result))
     else:
         console = Console()
         title = f"{len(segments)} segment(s) in {len(files)} video(s), {summary.windows_grounded} windows, {summary.elapsed_s:.1f}s"
         console.print(_segments_table(segments, title))
+        if summary.global_tracks is not None:
+            console.print(_global_tracks_table(summary.global_tracks))
         if summary.windows_failed and not summary.error:
             err_console.print(f"[yellow]grounding failed for {summary.windows_failed} window(s); they were skipped[/]")
         if summary.unparseable_answers:
@@ -192,6 +213,40 @@ def search(
     if summary.interrupted:
         err_console.print("[yellow]interrupted: the segments above are what was found so far[/]")
         raise typer.Exit(130)
+
+
+def _cross_camera_config(cfg: PipelineConfig, names: list[str], start: list[str], *, one_referent: bool) -> PipelineConfig:
+    """`cfg` with multi-camera windows, the files' start times and identity on (`--cross-camera`)."""
+    from streamvg.config import IdentityConfig
+
+    if len(names) < 2:
+        raise ConfigError(f"--cross-camera needs files of at least two cameras, got {len(names)}; give more files")
+    starts: dict[str, float] = {}
+    for i, item in enumerate(start):
+        name, sep, value = item.rpartition("=")
+        if not sep:
+            if i >= len(names):
+                raise ConfigError(f"--start {item}: more start times than files ({len(names)}); give one per file")
+            name = names[i]
+        elif name not in names:
+            raise ConfigError(f"--start {item}: no camera {name!r}; cameras are {', '.join(names)}")
+        try:
+            starts[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"--start {item}: {value!r} is not a number of seconds; write CAMERA=SECONDS, e.g. {names[0]}=1.5") from None
+    sources = [src.model_copy(update={"start_s": starts.get(src.name, 0.0)}) for src in cfg.sources]
+    sampling = cfg.sampling.model_copy(update={"multi_camera": True})
+    identity = IdentityConfig(one_referent=["*"] if one_referent else [])
+    return cfg.model_copy(update={"sources": sources, "sampling": sampling, "identity": identity})
+
+
+def _global_tracks_table(tracks: list[Any]) -> Table:
+    table = Table(title=f"{len(tracks)} global track(s) across cameras")
+    for col in ("global id", "query", "cameras", "seen"):
+        table.add_column(col, overflow="fold")
+    for g in tracks:
+        table.add_row(str(g.global_id), g.query, str(len(g.cameras)), g.summary())
+    return table
 
 
 def _run_with_progress(pipe: Pipeline, names: list[str], files: list[Path], *, show: bool) -> RunSummary:

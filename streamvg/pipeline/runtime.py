@@ -33,6 +33,7 @@ from streamvg.events import Event
 from streamvg.grounding import Grounding, GroundingEngine, create_engine
 from streamvg.pipeline.control import ControlFollower, query_from_config
 from streamvg.pipeline.engine_stage import GroundingFailures, ground_in_chunks
+from streamvg.pipeline.identity_stage import GlobalTrack, IdentityStage, global_tracks
 from streamvg.pipeline.metrics import PipelineMetrics
 from streamvg.pipeline.queue import WindowQueue
 from streamvg.pipeline.tracking_stage import Segment, TrackingStage
@@ -88,6 +89,7 @@ class RunSummary:
     unparseable_answers: int
     windows_failed: int = 0
     error: str | None = None  # why the run stopped early (the engine kept failing), else None
+    global_tracks: list[GlobalTrack] | None = None  # cross-camera identities (identity on), else None
 
 
 
@@ -153,8 +155,10 @@ class Pipeline:
         self._sources_lock = threading.Lock()
         self._cameras_running = 0
         self._cameras_running_lock = threading.Lock()
+        # Cross-camera identity sits between the trackers and the sinks (global_id on events).
+        self.identity = IdentityStage(config, publish=self._publish) if config.identity is not None else None
         self.processor = TrackingStage(
-            config, publish=self._publish, model_name=lambda: self._engine.name if self._engine else "",
+            config, publish=self.identity.publish if self.identity is not None else self._publish, model_name=lambda: self._engine.name if self._engine else "",
             collect_segments=collect_segments,
         )
         self._multi: MultiCameraWindows | None = None
@@ -208,8 +212,11 @@ class Pipeline:
             tol = self.config.sampling.tolerance_s or 0.5 / (self.config.sampling.fps or 25.0)
             live = any(c.live for c in self.cameras.values())
             self._multi = MultiCameraWindows(
-                [s.name for s in self.config.sources], tolerance_s=tol, clock="wall" if live else "pts"
+                [s.name for s in self.config.sources], tolerance_s=tol, clock="wall" if live else "pts",
+                offsets_s={s.name: s.start_s for s in self.config.sources if s.start_s} or None,
             )
+        if self.identity is not None:
+            self.identity.bind_engine(self._engine)
         self._started_at = time.monotonic()
         self._cameras_running = len(self.config.sources)
         for src in self.config.sources:
@@ -273,10 +280,21 @@ class Pipeline:
             windows_failed=self.failures.total,
             error=mask_text(str(self._engine_error)) if self._engine_error is not None
             and not isinstance(self._engine_error, KeyboardInterrupt) else None,
+            global_tracks=self.global_tracks() if self.identity is not None else None,
         )
 
     def segments(self) -> list[Segment]:
-        return self.processor.segments()
+        segs = self.processor.segments()
+        if self.identity is not None:
+            for seg in segs:
+                seg.global_id = self.identity.global_id(seg.query_id, seg.camera, seg.track_id)
+        return segs
+
+    def global_tracks(self) -> list[GlobalTrack]:
+        """Search segments grouped by cross-camera identity (empty without `identity`)."""
+        if self.identity is None:
+            return []
+        return global_tracks(self.processor.segments(), self.identity.global_id)
 
     def __enter__(self) -> Pipeline:
         return self.start()
@@ -418,6 +436,8 @@ class Pipeline:
                         self.metrics.engine_latency.observe(elapsed)
                     for (w, q), g in zip(chunk, groundings, strict=True):
                         self._handle(w, q, g, elapsed * 1000.0 / len(chunk))
+                if self.identity is not None:
+                    self.identity.ask(self._engine, batch_size)  # correspondence requests of this batch
                 self._count_grounded([w for w in batch if id(w) not in failed])
             self.processor.finish_all()
         except BaseException as exc:
@@ -449,7 +469,9 @@ class Pipeline:
     def _handle(self, window: Window, query: Query, g: Grounding, latency_ms: float) -> None:
         if not g.parse_ok:
             self.unparseable_answers += 1
-        self.processor.process(window, query, g, latency_ms)
+        fed = self.processor.process(window, query, g, latency_ms)
+        if self.identity is not None:
+            self.identity.observe(window, query, fed)
         cam0 = self.cameras.get(window.frames[0].camera)
         if cam0 is not None:
             cam0.last_latency_ms = latency_ms
