@@ -48,6 +48,7 @@ from streamvg.pipeline import (
     GroundingFailures,
     PipelineMetrics,
     Sink,
+    IdentityStage,
     TrackingStage,
     default_sinks,
     ground_in_chunks,
@@ -217,7 +218,13 @@ class GroundWorker:
         self.client = _client(config.sinks.redis.url)
         self.engine = engine or create_engine(config.engine)
         self.sinks = list(sinks) if sinks is not None else _worker_sinks(config)
-        self.stage = TrackingStage(config, publish=self._publish, model_name=lambda: self.engine.name)
+        # Cross-camera identity: the linker lives with the worker that leases a multi-camera
+        # window's stream (windows travel whole to their first camera's stream).
+        self.identity = IdentityStage(config, publish=self._publish) if config.identity is not None else None
+        if self.identity is not None:
+            self.identity.bind_engine(self.engine)
+        publish = self.identity.publish if self.identity is not None else self._publish
+        self.stage = TrackingStage(config, publish=publish, model_name=lambda: self.engine.name)
         self.queries = [q for q in config.queries]
         self.owned: set[str] = set()
         self.windows_grounded = 0
@@ -275,6 +282,13 @@ class GroundWorker:
                 self.stage.import_camera(cam, state)
             except TrackingError as exc:  # corrupt, or saved by another version: carry on
                 log.warning("worker %s: %s", self.worker_id, exc)
+        if self.identity is not None:
+            saved: Any = self.client.get(_k(self.pipeline, f"identitystate:{cam}"))
+            if saved:
+                try:
+                    self.identity.import_state(saved)
+                except ValueError as exc:
+                    log.warning("worker %s: %s", self.worker_id, exc)
         self.owned.add(cam)
         log.info("worker %s took camera %s", self.worker_id, cam)
         # Windows a previous owner received but never acknowledged come first, in order.
@@ -290,6 +304,8 @@ class GroundWorker:
 
     def _give_back(self, cam: str) -> None:
         self.client.set(_k(self.pipeline, f"trackstate:{cam}"), self.stage.export_camera(cam))
+        if self.identity is not None:
+            self.client.set(_k(self.pipeline, f"identitystate:{cam}"), self.identity.export_state())
         self._release(keys=[_k(self.pipeline, f"lease:{cam}")], args=[self.worker_id])
         self.stage.drop_camera(cam)
         self.owned.discard(cam)
@@ -309,12 +325,18 @@ class GroundWorker:
         for chunk, groundings, elapsed in ground_in_chunks(self.engine, reqs, bs, self.failures, failed.append):
             ms = elapsed * 1000.0 / max(1, len(chunk))
             for (w, q), g in zip(chunk, groundings, strict=True):
-                self.stage.process(w, q, g, ms)
+                fed = self.stage.process(w, q, g, ms)
+                if self.identity is not None:
+                    self.identity.observe(w, q, fed)
+        if self.identity is not None:
+            self.identity.ask(self.engine, bs)
         for s in self.sinks:
             s.flush()
         ids = [eid for eid, _ in entries]
         tx = self.client.pipeline(transaction=True)
         tx.set(_k(self.pipeline, f"trackstate:{cam}"), self.stage.export_camera(cam))
+        if self.identity is not None:
+            tx.set(_k(self.pipeline, f"identitystate:{cam}"), self.identity.export_state())
         tx.xack(work_key(self.pipeline, cam), GROUP, *ids)
         tx.xdel(work_key(self.pipeline, cam), *ids)
         grounded = len(ids) - len(failed)

@@ -86,6 +86,12 @@ class Linker:
         max_contradiction: A link holds while contradicting votes are at most this
             fraction of agreeing ones; lower undoes doubtful links sooner.
         new_id: Source of home ids (share one between linkers for ids unique across queries).
+        near_s, far, far_repeats: Two tracks of one camera seen `far_repeats` times within
+            `near_s` media seconds more than `far` box sizes apart are different objects
+            (see `see`). A far sighting counts once when it is made and once when the other
+            track is next seen, so 5 is about three wrong places; fewer repeats catch tracks
+            made of wrong answers sooner but split tracks that absorbed a few wrong boxes
+            from their successors.
 
     Example:
         >>> lk = Linker(min_agree=2)
@@ -107,6 +113,11 @@ class Linker:
     _gid: dict[TrackKey, int] = field(default_factory=dict)
     _status: dict[tuple[TrackKey, TrackKey], int] = field(default_factory=dict)  # 1 linked, -1 contradicted
     _dirty: bool = False
+    near_s: float = 1.0
+    far: float = 2.0
+    far_repeats: int = 5
+    _recent: dict[str, dict[TrackKey, tuple[float, float, float, float]]] = field(default_factory=dict)
+    _apart: dict[tuple[TrackKey, TrackKey], int] = field(default_factory=dict)
     links_made: int = 0
     links_undone: int = 0
 
@@ -129,24 +140,54 @@ class Linker:
             span.last_t = max(span.last_t, float(t))
         return span
 
-    def see(self, camera: str, t: float, track_ids: Iterable[int]) -> None:
+    def see(
+        self, camera: str, t: float, track_ids: Iterable[int], boxes: Sequence[Sequence[float]] | None = None
+    ) -> None:
         """Tracks of `camera` seen together in one frame at media time `t`.
 
         Tracks seen in one frame are different objects: they never share an identity.
+        With `boxes` (one xyxy per track id), so are two tracks of one camera seen
+        `far_repeats` times within `near_s` seconds of each other more than `far` box sizes
+        apart (one object is not in two places at once; once or twice may be wrong boxes a
+        true track absorbed). This catches a track built from wrong answers that replaced
+        the true box, which is never in the same frame as the true track, while two tracks
+        the tracker made of one object (seen at the same place) stay free to be joined.
         """
-        keys = [(camera, int(i)) for i in track_ids if int(i) >= 0]
+        ids = [int(i) for i in track_ids]
+        keys = [(camera, i) for i in ids if i >= 0]
         for k in keys:
             self.track(k, t)
         for i, a in enumerate(keys):
             for b in keys[i + 1 :]:
-                if a == b:
+                if a != b:
+                    self._conflict(a, b)
+        if boxes is None or self.far_repeats <= 0:
+            return
+        recent = self._recent.setdefault(camera, {})
+        for tid, box in zip(ids, boxes, strict=True):
+            if tid < 0:
+                continue
+            a = (camera, tid)
+            cx, cy = (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
+            size = max(1.0, ((box[2] - box[0]) + (box[3] - box[1])) / 2.0)
+            for b, (tb, bx, by, bs) in list(recent.items()):
+                if t - tb > self.near_s:
+                    del recent[b]
                     continue
-                ca = self.conflicts.setdefault(a, set())
-                if b not in ca:
-                    ca.add(b)
-                    self.conflicts.setdefault(b, set()).add(a)
-                    if self._gid.get(a) == self._gid.get(b):
-                        self._dirty = True  # a group now holds two objects of one frame: split it
+                if b != a and ((cx - bx) ** 2 + (cy - by) ** 2) ** 0.5 > self.far * (size + bs) / 2.0:
+                    pair = (a, b) if a < b else (b, a)
+                    n = self._apart[pair] = self._apart.get(pair, 0) + 1
+                    if n >= self.far_repeats:  # a wrong box or two a true track absorbed is not enough
+                        self._conflict(a, b)
+            recent[a] = (float(t), cx, cy, size)
+
+    def _conflict(self, a: TrackKey, b: TrackKey) -> None:
+        ca = self.conflicts.setdefault(a, set())
+        if b not in ca:
+            ca.add(b)
+            self.conflicts.setdefault(b, set()).add(a)
+            if self._gid.get(a) == self._gid.get(b):
+                self._dirty = True  # a group now holds two objects of one camera at once: split it
 
     def end(self, key: TrackKey, t: float | None = None) -> None:
         """The track ended (its identity stays; nothing new will be seen of it)."""

@@ -162,7 +162,7 @@ class Pipeline:
             collect_segments=collect_segments,
         )
         self._multi: MultiCameraWindows | None = None
-        self._multi_lock = threading.Lock()
+        self._multi_lock = threading.Condition()
         self.windows_grounded = 0
         self.events_published = 0
         self.unparseable_answers = 0
@@ -344,7 +344,10 @@ class Pipeline:
             if self._multi is not None:
                 for frame in frames:
                     with self._multi_lock:
+                        if not cam.live:
+                            self._wait_for_other_cameras(name)
                         ready = self._multi.push(frame)
+                        self._multi_lock.notify_all()
                     for w in ready:
                         self._enqueue(name, w)
             else:
@@ -370,6 +373,20 @@ class Pipeline:
                 log.debug("closing camera %s failed", name, exc_info=True)
             self._camera_finished(name)
 
+    def _wait_for_other_cameras(self, name: str, limit_s: float = 2.0) -> None:
+        """Files in multi-camera windows: a camera half a buffer ahead of the others waits
+        (at most `limit_s`, so a camera that never starts cannot stall it), instead of
+        forcing groups out before the others' frames arrive. Keeps windows the same from run
+        to run whatever the decoding speed. Called with `_multi_lock` held."""
+        assert self._multi is not None
+        deadline = time.monotonic() + limit_s
+        while (
+            self._multi.pending(name) >= self._multi.max_buffer // 2
+            and not self._stop.is_set()
+            and time.monotonic() < deadline
+        ):
+            self._multi_lock.wait(0.05)
+
     def _count_frames(self, name: str, frames: Iterable[Frame]) -> Iterable[Frame]:
         cam = self.cameras[name]
         for frame in frames:
@@ -384,6 +401,7 @@ class Pipeline:
             # This camera ended: groups that waited only for it can go now.
             with self._multi_lock:
                 ready = self._multi.flush(name)
+                self._multi_lock.notify_all()
             for w in ready:
                 self._enqueue(name, w)
 
@@ -400,6 +418,13 @@ class Pipeline:
         return not self._stop.is_set()
 
     def _camera_finished(self, name: str) -> None:
+        if self._multi is not None:
+            # Also a camera that never opened: the others must not wait for its frames.
+            with self._multi_lock:
+                ready = self._multi.flush(name)
+                self._multi_lock.notify_all()
+            for w in ready:
+                self._enqueue(name, w)
         with self._cameras_running_lock:
             self._cameras_running -= 1
             last = self._cameras_running == 0

@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -54,6 +55,7 @@ __all__ = [
     "Scene",
     "cross_camera_objects",
     "cross_camera_specs",
+    "identity_scores",
     "replay_records",
     "truth_boxes",
     "write_scene",
@@ -550,6 +552,7 @@ class GroundTruthEngine:
         self.min_visible = min_visible
         self.score = score
         self.tolerance_s = tolerance_s
+        self._seed = int(seed)
         self._rng = np.random.default_rng(seed)
         self._frames: dict[str, tuple[list[float], list[dict[str, Any]]]] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
@@ -577,6 +580,13 @@ class GroundTruthEngine:
             return []
         return [o for o in frs[best]["objects"] if float(o.get("visible", 1.0)) >= self.min_visible]
 
+    def _seed_for(self, frames: Sequence[Any], text: str) -> None:
+        # Answers depend on the request, not on the order requests come in (the pipeline's
+        # batches vary with thread timing), so a run is repeatable.
+        key = "|".join(f"{f.camera}:{f.index}:{f.pts:.4f}" for f in frames) + "|" + text
+        digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+        self._rng = np.random.default_rng([self._seed, digest])
+
     def _wrong(self) -> bool:
         if self.wrong_rate > 0 and self._rng.random() < self.wrong_rate:
             self.wrong_answers += 1
@@ -595,6 +605,7 @@ class GroundTruthEngine:
         from streamvg.identity.correspondence import is_correspondence
 
         lines: list[str] = []
+        self._seed_for(frames, text)
         if is_correspondence(text):
             self.requests["correspondence"] += 1
             m = re.search(r"<\|box_start\|>\((\d+),(\d+)\),\((\d+),(\d+)\)<\|box_end\|>", text)
@@ -683,3 +694,85 @@ def truth_boxes(
                 if (labels is None or o["label"] in labels) and float(o.get("visible", 1.0)) >= min_visible
             }
     return out
+
+
+def identity_scores(
+    ground_truth: dict[str, Any],
+    events: Sequence[Any],
+    *,
+    gid_of: Any = None,
+    min_iou: float = 0.5,
+    min_visible: float = 0.5,
+    pure: float = 0.8,
+) -> dict[str, Any]:
+    """Cross-camera identity scores of a run's events against the ground truth.
+
+    Args:
+        ground_truth: `Scene.ground_truth`.
+        events: The run's `Event`s (grounding events say which frames were sampled; track
+            events carry the boxes and `global_id`).
+        gid_of: `(query_id, camera, track_id) -> global_id` to score the final identities
+            (e.g. `IdentityStage.global_id`); None scores the `global_id` each event carried.
+
+    Returns:
+        `{"idf1": …, "merged": [(query_id, global_id, [object ids])], "identities": n,
+        "switched_tracks": n}`: IDF1 with each world object one identity across all cameras
+        (boxes of every query pooled), and the identities that join camera tracks following
+        different objects that exist at the same time (merges). A camera track counts as
+        following an object when at least `pure` of its matched boxes are on it; tracks the
+        camera's tracker swapped between objects are counted apart (`switched_tracks`).
+    """
+    from collections import Counter, defaultdict
+
+    from streamvg.testing.metrics import idf1, iou_matrix
+
+    times: dict[str, set[float]] = defaultdict(set)
+    hyp: dict[tuple[str, float], dict[tuple[str, int], list[float]]] = defaultdict(dict)
+    track_of: dict[tuple[tuple[str, float], tuple[str, int]], tuple[str, str, int]] = {}
+    last_gid: dict[tuple[str, str, int], int] = {}
+    for e in events:
+        if e.kind == "grounding":
+            times[e.camera].add(round(float(e.t), 4))
+        elif e.kind in ("track_start", "track_update") and e.detail is None and e.track_id is not None:
+            gid = gid_of(e.query_id, e.camera, e.track_id) if gid_of is not None else e.global_id
+            key, ident = (e.camera, round(float(e.t), 4)), (str(e.query_id), int(gid if gid is not None else -1 - e.track_id))
+            hyp[key][ident] = list(e.boxes[0]["xyxy"])
+            track_of[(key, ident)] = (str(e.query_id), e.camera, int(e.track_id))
+            last_gid[(str(e.query_id), e.camera, int(e.track_id))] = ident[1]
+    truth = truth_boxes(ground_truth, times=times, min_visible=min_visible)
+    index: dict[tuple[str, int], int] = {}
+    numbered = {k: {index.setdefault(i, len(index)): b for i, b in v.items()} for k, v in hyp.items()}
+    score = idf1(truth, numbered, min_iou=min_iou)  # type: ignore[arg-type]  # (camera, pts) keys
+    # Majority object of each camera track, then the objects each identity holds.
+    follows: dict[tuple[str, str, int], Counter[int]] = defaultdict(Counter)
+    for key, idents in hyp.items():
+        gt = truth.get(key) or {}
+        if not gt:
+            continue
+        ids = list(gt)
+        for ident, box in idents.items():
+            ious = iou_matrix(np.array([box]), np.array([gt[i] for i in ids]))[0]
+            if float(ious.max()) >= min_iou:
+                follows[track_of[(key, ident)]][ids[int(np.argmax(ious))]] += 1
+    span: dict[int, tuple[float, float]] = {}
+    for info in ground_truth["cameras"].values():
+        for fr in info["frames"]:
+            t = float(info["start_s"]) + float(fr["pts"])
+            for o in fr["objects"]:
+                a, b = span.get(int(o["id"]), (t, t))
+                span[int(o["id"])] = (min(a, t), max(b, t))
+    holds: dict[tuple[str, int], set[int]] = defaultdict(set)
+    switched = 0
+    for (q, cam, tid), c in follows.items():
+        gid = gid_of(q, cam, tid) if gid_of is not None else last_gid[(q, cam, tid)]
+        obj, n = c.most_common(1)[0]
+        if n < pure * sum(c.values()):
+            switched += 1  # the camera's tracker swapped objects within this track: not the linker's doing
+            continue
+        holds[(q, int(gid))].add(obj)
+    merged = []
+    for (q, gid), objs in sorted(holds.items()):
+        together = [(a, b) for a in objs for b in objs if a < b and span[a][0] <= span[b][1] and span[b][0] <= span[a][1]]
+        if together:
+            merged.append((q, gid, sorted(objs)))
+    return {"idf1": score, "merged": merged, "identities": len(holds), "switched_tracks": switched}
