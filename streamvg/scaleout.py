@@ -46,9 +46,9 @@ from streamvg.events import Event
 from streamvg.grounding import GroundingEngine, create_engine
 from streamvg.pipeline import (
     GroundingFailures,
+    IdentityStage,
     PipelineMetrics,
     Sink,
-    IdentityStage,
     TrackingStage,
     default_sinks,
     ground_in_chunks,

@@ -13,10 +13,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamvg.config import EngineConfig, IdentityConfig, PipelineConfig, QueryConfig, SamplingConfig, SourceConfig
+from streamvg.config import (
+    EngineConfig,
+    IdentityConfig,
+    PipelineConfig,
+    QueryConfig,
+    SamplingConfig,
+    SourceConfig,
+)
 from streamvg.grounding.prompts import render_chat
 from streamvg.grounding.remote import smart_resize
-from streamvg.identity import CorrespondenceRequest, correspondence_text, is_correspondence, mark_box, parse_correspondence
+from streamvg.identity import (
+    CorrespondenceRequest,
+    correspondence_text,
+    is_correspondence,
+    mark_box,
+    parse_correspondence,
+)
 from streamvg.identity.correspondence import MARK_RGB, build_correspondence_messages, read_answer
 from streamvg.pipeline.identity_stage import IdentityStage
 from streamvg.types import Detections, Frame, Query, Window
@@ -122,9 +135,8 @@ def _tracked() -> dict[int, Detections]:
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
 def test_tiny_models_run_correspondence_requests_end_to_end(tiny_models: dict[str, Path], family: str) -> None:
-    from tests.test_grounding import forcing  # the same forced-decoding helper the engine tests use
-
     from streamvg.grounding.hf import GemVGEngine
+    from tests.test_grounding import forcing  # the same forced-decoding helper the engine tests use
 
     engine = GemVGEngine(tiny_models[family], device="cpu", max_pixels=112 * 112, max_new_tokens=12, batch_size=4)
     window = Window(tuple(frames()))

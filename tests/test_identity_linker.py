@@ -86,7 +86,7 @@ _ops = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(ops=_ops, min_agree=st.integers(1, 3))
 def test_no_sequence_of_votes_puts_two_objects_of_one_frame_in_one_identity(
     ops: list[tuple], min_agree: int

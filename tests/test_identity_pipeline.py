@@ -5,14 +5,20 @@ from the ground truth for both request kinds with 10 % wrong answers."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from streamvg.config import EngineConfig, IdentityConfig, PipelineConfig, QueryConfig, SamplingConfig, SourceConfig
+from streamvg.cli import main
+from streamvg.config import (
+    EngineConfig,
+    IdentityConfig,
+    PipelineConfig,
+    QueryConfig,
+    SamplingConfig,
+    SourceConfig,
+)
 from streamvg.demo import EventCollector
 from streamvg.errors import ConfigError
 from streamvg.events import event_json_schema
@@ -102,7 +108,9 @@ def test_the_event_schema_documents_global_id() -> None:
     assert "global_id" in json.dumps(schema["$defs"]["Box"])
 
 
-def test_search_cross_camera_lists_one_global_track_per_object(world: Scene, tmp_path: Path) -> None:
+def test_search_cross_camera_lists_one_global_track_per_object(
+    world: Scene, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     gt = world.ground_truth
     labels = sorted({o.label for o in world.objects})
     replay = tmp_path / "answers.jsonl"
@@ -111,13 +119,12 @@ def test_search_cross_camera_lists_one_global_track_per_object(world: Scene, tmp
             for rec in replay_records(gt, query=f"the {lab}", labels=[lab]):
                 fh.write(json.dumps(rec) + "\n")
     cams = sorted(gt["cameras"])
-    args = [sys.executable, "-m", "streamvg", "search", *[gt["cameras"][c]["video"] for c in cams],
+    args = ["search", *[gt["cameras"][c]["video"] for c in cams],
             *[a for lab in labels for a in ("-q", f"the {lab}")], "--engine", "replay", "--replay", str(replay),
             "--fps", "5", "--cross-camera", "--one-referent", "--json",
             *[a for c in cams for a in ("--start", f"{c}={gt['cameras'][c]['start_s']}")]]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
     tracks = result["global_tracks"]
     assert sorted(g["query"] for g in tracks) == sorted(f"the {lab}" for lab in labels)  # one per object
     for g in tracks:
@@ -135,12 +142,14 @@ def test_search_cross_camera_lists_one_global_track_per_object(world: Scene, tmp
     assert all("global_id" in s for s in result["segments"])
 
 
-def test_search_cross_camera_refuses_bad_starts(world: Scene) -> None:
-    gt = world.ground_truth
-    cams = sorted(gt["cameras"])
-    base = [sys.executable, "-m", "streamvg", "search", *[gt["cameras"][c]["video"] for c in cams], "-q", "x",
+def test_search_cross_camera_refuses_bad_starts(capsys: pytest.CaptureFixture[str]) -> None:
+    media = Path(__file__).resolve().parent / "media"
+    base = ["search", str(media / "cup.mp4"), str(media / "carphone.mp4"), "-q", "x",
             "--engine", "replay", "--replay", "nothing.jsonl", "--cross-camera"]
-    out = subprocess.run([*base, "--start", "camX=1"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "no camera 'camX'" in out.stderr and "Traceback" not in out.stderr
-    out = subprocess.run([*base, "--start", "cam1=soon"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "not a number of seconds" in out.stderr
+    for extra, said in ((["--start", "camX=1"], "no camera 'camX'"), (["--start", "cup=soon"], "not a number of seconds"),
+                        (["--start", "0", "--start", "1", "--start", "2"], "more start times than files")):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err
+    assert main(["search", str(media / "cup.mp4"), "-q", "x", "--engine", "replay", "--replay", "n.jsonl", "--start", "1"]) == 2
+    assert "go with --cross-camera" in capsys.readouterr().err

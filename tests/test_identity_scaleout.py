@@ -24,7 +24,12 @@ from streamvg.demo import EventCollector
 from streamvg.scaleout import GroundWorker, WindowPublisher
 from streamvg.sources import open_source
 from streamvg.testing.servers import wait_until
-from streamvg.testing.synthetic import GroundTruthEngine, cross_camera_objects, cross_camera_specs, write_scene
+from streamvg.testing.synthetic import (
+    GroundTruthEngine,
+    cross_camera_objects,
+    cross_camera_specs,
+    write_scene,
+)
 from streamvg.windows import MultiCameraWindows
 
 URL = "redis://127.0.0.1:6379/0"

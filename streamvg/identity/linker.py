@@ -86,12 +86,8 @@ class Linker:
         max_contradiction: A link holds while contradicting votes are at most this
             fraction of agreeing ones; lower undoes doubtful links sooner.
         new_id: Source of home ids (share one between linkers for ids unique across queries).
-        near_s, far, far_repeats: Two tracks of one camera seen `far_repeats` times within
-            `near_s` media seconds more than `far` box sizes apart are different objects
-            (see `see`). A far sighting counts once when it is made and once when the other
-            track is next seen, so 5 is about three wrong places; fewer repeats catch tracks
-            made of wrong answers sooner but split tracks that absorbed a few wrong boxes
-            from their successors.
+        near_s, far, far_repeats: When are two tracks of one camera "in two places at once"
+            (see `see`); 0 repeats turns the rule off (only same-frame tracks conflict).
 
     Example:
         >>> lk = Linker(min_agree=2)
@@ -115,9 +111,10 @@ class Linker:
     _dirty: bool = False
     near_s: float = 1.0
     far: float = 2.0
-    far_repeats: int = 5
+    far_repeats: int = 2
     _recent: dict[str, dict[TrackKey, tuple[float, float, float, float]]] = field(default_factory=dict)
-    _apart: dict[tuple[TrackKey, TrackKey], int] = field(default_factory=dict)
+    _apart: dict[tuple[TrackKey, TrackKey], int] = field(default_factory=dict)  # (a, b): a seen far from b
+    _seen: dict[TrackKey, int] = field(default_factory=dict)  # sightings with a box
     links_made: int = 0
     links_undone: int = 0
 
@@ -146,10 +143,10 @@ class Linker:
         """Tracks of `camera` seen together in one frame at media time `t`.
 
         Tracks seen in one frame are different objects: they never share an identity.
-        With `boxes` (one xyxy per track id), so are two tracks of one camera seen
-        `far_repeats` times within `near_s` seconds of each other more than `far` box sizes
-        apart (one object is not in two places at once; once or twice may be wrong boxes a
-        true track absorbed). This catches a track built from wrong answers that replaced
+        With `boxes` (one xyxy per track id), so are two tracks of one camera when one was
+        seen, for most of its sightings and at least `far_repeats` times, within `near_s`
+        seconds of the other and more than `far` box sizes away from it (one object is not
+        in two places at once; a few wrong boxes a long track absorbed do not count). This catches a track built from wrong answers that replaced
         the true box, which is never in the same frame as the true track, while two tracks
         the tracker made of one object (seen at the same place) stay free to be joined.
         """
@@ -168,6 +165,7 @@ class Linker:
             if tid < 0:
                 continue
             a = (camera, tid)
+            self._seen[a] = self._seen.get(a, 0) + 1
             cx, cy = (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
             size = max(1.0, ((box[2] - box[0]) + (box[3] - box[1])) / 2.0)
             for b, (tb, bx, by, bs) in list(recent.items()):
@@ -175,9 +173,13 @@ class Linker:
                     del recent[b]
                     continue
                 if b != a and ((cx - bx) ** 2 + (cy - by) ** 2) ** 0.5 > self.far * (size + bs) / 2.0:
-                    pair = (a, b) if a < b else (b, a)
-                    n = self._apart[pair] = self._apart.get(pair, 0) + 1
-                    if n >= self.far_repeats:  # a wrong box or two a true track absorbed is not enough
+                    # a seen away from b: a conflict once that is most of a's (or b's) life, at
+                    # least `far_repeats` times; a few wrong boxes a long track absorbed are not.
+                    n = self._apart[(a, b)] = self._apart.get((a, b), 0) + 1
+                    m = self._apart.get((b, a), 0)
+                    if (n >= self.far_repeats and n >= 0.5 * self._seen.get(a, 1)) or (
+                        m >= self.far_repeats and m >= 0.5 * self._seen.get(b, 1)
+                    ):
                         self._conflict(a, b)
             recent[a] = (float(t), cx, cy, size)
 

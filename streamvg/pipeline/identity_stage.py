@@ -15,7 +15,6 @@ one `generate()` over the window's images, the reference one marked), fewer with
 from __future__ import annotations
 
 import json
-import os
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -149,13 +148,8 @@ class IdentityStage:
         with self._lock:
             lk = self._linkers.get(query_id)
             if lk is None:
-                # One-referent votes come free with every window, and a track built from a
-                # few wrong answers (a model naming another object where the referent is out
-                # of view) gets one per window, unopposed: they need twice the windows.
-                agree = self.cfg.min_agree + (int(os.environ.get("ONEPLUS", "2")) if self.one_referent(query_id) else 0)
                 lk = self._linkers[query_id] = Linker(
-                    min_agree=agree, max_contradiction=self.cfg.max_contradiction, new_id=self._new_id,
-                    far_repeats=int(os.environ.get("FARREP", "5")),
+                    min_agree=self.cfg.min_agree, max_contradiction=self.cfg.max_contradiction, new_id=self._new_id
                 )
             return lk
 
