@@ -8,7 +8,8 @@ agreeing ones; it is **contradicted** once contradicting votes from `min_agree` 
 outnumber the agreeing ones. A link whose contradictions grow past the limit is undone.
 
 Identities are the connected groups of linked pairs, built greedily from the strongest link
-(agree − contradict votes) down, never joining two groups that would hold
+(agree − contradict votes) down, never joining two groups whose votes between them are not
+on balance agreeing, or that would hold
 
 - two tracks of one camera that were seen in the same frame (one object is never twice in
   one picture), or
@@ -297,6 +298,8 @@ class Linker:
                 ra, rb, ma, mb = rb, ra, mb, ma
             if any(cannot.get(x, _EMPTY) & mb for x in ma):
                 continue  # would put two objects of one frame, or a contradicted pair, in one identity
+            if self._net(ma, mb) <= 0:
+                continue  # the groups as wholes disagree more than they agree (a tracker swap, say)
             parent[ra] = rb
             mb |= ma
             del members[ra]
@@ -305,6 +308,17 @@ class Linker:
             gid = min(self.tracks[k].home_id for k in group)
             for k in group:
                 self._gid[k] = gid
+
+    def _net(self, ma: set[TrackKey], mb: set[TrackKey]) -> int:
+        """Agreeing minus contradicting votes between two groups of tracks."""
+        net = 0
+        ev = self.evidence
+        for x in ma:
+            for y in mb:
+                e = ev.get((x, y) if x < y else (y, x))
+                if e is not None:
+                    net += e.agree - e.contradict
+        return net
 
     # --- hand-over ----------------------------------------------------------------------
 
