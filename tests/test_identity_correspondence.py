@@ -177,3 +177,42 @@ def test_tiny_models_run_correspondence_requests_end_to_end(tiny_models: dict[st
     assert lk.evidence[(("cam0", 0), ("cam1", 4))].contradict == 1  # the other cam1 track: not it
     assert lk.evidence[(("cam0", 0), ("cam2", 7))].contradict == 1  # answered box overlaps no track 7
     engine.close()
+
+
+class _FailingEngine:
+    """A fake engine whose every request raises (a model server that is down)."""
+
+    name = "down"
+
+    def ground_many(self, requests: Any) -> Any:
+        from streamvg.errors import GroundingError
+
+        raise GroundingError("model server http://gpu:8000 refused the connection")
+
+
+def test_failed_or_unanswerable_requests_are_counted_not_raised(tmp_path: Path) -> None:
+    from streamvg.grounding.replay import ReplayEngine
+
+    window, query = Window(tuple(frames())), Query("q", "a shape")
+    stage = _stage(max_requests_per_window=3)
+    stage.observe(window, query, _tracked())
+    stage.ask(_FailingEngine(), batch_size=2)  # type: ignore[arg-type]
+    assert stage.stats.requests_failed == 3 and stage.stats.requests == 0 and stage.pending == 0
+    stage.observe(window, query, _tracked())
+    stage.ask(ReplayEngine([]), batch_size=2)
+    assert stage.stats.skipped_engine == 3  # stored boxes cannot answer "which one is the same"
+
+
+def test_identity_state_survives_export_and_refuses_garbage() -> None:
+    stage = _stage()
+    for w in range(3):
+        stage.linker("q").vote(("cam0", 0), ("cam1", 3), agree=True, window=f"w{w}")
+    gid = stage.global_id("q", "cam1", 3)
+    other = _stage()
+    other.import_state(stage.export_state())
+    assert other.global_id("q", "cam1", 3) == gid == other.global_id("q", "cam0", 0)
+    assert other.global_id("q", "cam2", 9) not in {gid}  # new tracks get fresh ids after the hand-over
+    with pytest.raises(ValueError, match="identity state is unreadable"):
+        other.import_state(b'{"format": "streamvg.identitystate/v1"}')
+    with pytest.raises(ValueError, match="identity state is unreadable"):
+        other.import_state(b"\x00 not json")
