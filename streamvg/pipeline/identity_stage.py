@@ -35,6 +35,7 @@ __all__ = ["GlobalTrack", "IdentityStage", "IdentityStats", "global_tracks"]
 log = logging.getLogger("streamvg.pipeline")
 
 _STATE_FORMAT = "streamvg.identitystate/v1"
+_MAX_PENDING = 256  # queued correspondence requests (each holds its window's frames)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class IdentityStats:
         votes_agree, votes_contradict: Votes recorded.
         skipped_engine: Requests not sent because the engine answers from stored boxes
             (replay) and cannot answer a correspondence request.
+        requests_dropped: Queued requests dropped, oldest first, beyond 256 waiting.
     """
 
     requests: int = 0
@@ -56,6 +58,7 @@ class IdentityStats:
     votes_agree: int = 0
     votes_contradict: int = 0
     skipped_engine: int = 0
+    requests_dropped: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -228,6 +231,9 @@ class IdentityStage:
                 window_id=window.id, convention=convention, input_size=self._input_size(ref.size),
             )
             self._pending.append(_Pending(req, {c: kd[1] for c, kd in targets.items()}))
+            if len(self._pending) > _MAX_PENDING:  # nobody asks (no engine): keep memory bounded
+                self._pending.pop(0)
+                self.stats.requests_dropped += 1
             self._asked[(query.id, cam, tid)] = (n + 1, ref.pts)
 
     def _input_size(self, size: tuple[int, int]) -> tuple[int, int] | None:
