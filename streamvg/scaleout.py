@@ -289,6 +289,11 @@ class GroundWorker:
                     self.identity.import_state(saved)
                 except ValueError as exc:
                     log.warning("worker %s: %s", self.worker_id, exc)
+            # Only this stream camera's trackers were handed over; the window's other
+            # cameras start their track ids again, so their old tracks are forgotten.
+            for other in self.config.sources:
+                if other.name != cam:
+                    self.identity.forget_camera(other.name)
         self.owned.add(cam)
         log.info("worker %s took camera %s", self.worker_id, cam)
         # Windows a previous owner received but never acknowledged come first, in order.

@@ -309,6 +309,14 @@ class Linker:
             for k in group:
                 self._gid[k] = gid
 
+    def reset_groups(self) -> None:
+        """Recompute statuses and groups from the evidence (after tracks were removed)."""
+        self._status = {p: st for p, e in self.evidence.items() if (st := self._pair_status(e))}
+        self._gid = {k: s.home_id for k, s in self.tracks.items()}
+        self._recent.clear()
+        self._apart = {p: n for p, n in self._apart.items() if p[0] in self.tracks and p[1] in self.tracks}
+        self._dirty = True
+
     def _net(self, ma: set[TrackKey], mb: set[TrackKey]) -> int:
         """Agreeing minus contradicting votes between two groups of tracks."""
         net = 0

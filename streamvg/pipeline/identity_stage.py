@@ -331,6 +331,24 @@ class IdentityStage:
 
     # --- hand-over (scale-out) ----------------------------------------------------------
 
+    def forget_camera(self, camera: str) -> None:
+        """Drop everything known about `camera`'s tracks (its tracker state was not handed
+        over, so its track ids start again and must not meet the old ones)."""
+        with self._lock:
+            for lk in self._linkers.values():
+                gone = {k for k in lk.tracks if k[0] == camera}
+                if not gone:
+                    continue
+                for k in gone:
+                    lk.tracks.pop(k, None)
+                    lk.conflicts.pop(k, None)
+                for k in lk.conflicts:
+                    lk.conflicts[k] -= gone
+                for pair in [p for p in lk.evidence if p[0] in gone or p[1] in gone]:
+                    del lk.evidence[pair]
+                lk.reset_groups()
+            self._asked = {k: v for k, v in self._asked.items() if k[1] != camera}
+
     def export_state(self) -> bytes:
         """The linkers and the id counter as JSON (never pickled)."""
         with self._lock:
