@@ -47,6 +47,7 @@ from streamvg.redaction import mask_url, remember_secret, remember_url_secret
 __all__ = [
     "ControlConfig",
     "EngineConfig",
+    "IdentityConfig",
     "JsonlSinkConfig",
     "MetricsConfig",
     "PipelineConfig",
@@ -83,6 +84,11 @@ class SourceConfig(_Model):
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="Backend options, e.g. {rtsp_transport: tcp} for PyAV or {width: 1280} for OpenCV.",
+    )
+    start_s: float = Field(
+        default=0.0,
+        description="Common-clock seconds at this file's first frame (multi-camera files that started at "
+        "different moments); multi-camera windows align frames on start_s + media time.",
     )
 
     @field_validator("name")
@@ -240,6 +246,51 @@ class TrackerConfig(_Model):
         return self
 
 
+class IdentityConfig(_Model):
+    """Cross-camera identity: one `global_id` for the same object across cameras (`streamvg.identity`).
+
+    Needs `sampling.multi_camera` (windows of one frame per camera at one instant). Per-camera
+    track ids and events stay as they are; track events gain `global_id`. Links come from the
+    model's own multi-image answers and need several agreeing windows, so one bad answer does
+    not merge two people; two tracks seen at the same time in one camera are never one identity.
+    """
+
+    one_referent: list[str] = Field(
+        default_factory=list,
+        description="Ids of queries that name one object ('the man in the yellow vest'; '*' = every "
+        "query): their boxes in different cameras of one window are that object, linked at no extra "
+        "model cost. Other queries are linked by correspondence requests.",
+    )
+    correspondence: bool = Field(
+        default=True,
+        description="Ask the model which box in the other cameras is the same object as a track's box "
+        "(one extra request per asked track and window) for queries with several targets.",
+    )
+    max_requests_per_window: int = Field(
+        default=4, ge=0,
+        description="Correspondence requests at most per multi-camera window and query; more links "
+        "faster but costs model time (one generate() each).",
+    )
+    ask_every_s: float = Field(
+        default=0.0, ge=0,
+        description="Media seconds between two correspondence requests about the same track; 0 asks in "
+        "every window (subject to max_requests_per_window).",
+    )
+    min_agree: int = Field(
+        default=3, ge=1,
+        description="Agreeing windows before two tracks are linked; higher resists wrong answers but links later.",
+    )
+    max_contradiction: float = Field(
+        default=0.5, ge=0, le=1,
+        description="A link holds while contradicting votes are at most this fraction of agreeing ones; "
+        "beyond it the link is undone.",
+    )
+    match_iou: float = Field(
+        default=0.3, gt=0, le=1,
+        description="Overlap an answered box needs with a tracked box to count as pointing at that track.",
+    )
+
+
 class RedisSinkConfig(_Model):
     """Publish events to Redis Streams + pub/sub."""
 
@@ -339,6 +390,9 @@ class PipelineConfig(BaseSettings):
     control: ControlConfig = Field(default_factory=ControlConfig)
     scaleout: ScaleoutConfig = Field(default_factory=ScaleoutConfig, description="Scale-out roles: leases, limits, buffers.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint.")
+    identity: IdentityConfig | None = Field(
+        default=None, description="Cross-camera identities (global_id); off when absent."
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -111,6 +111,16 @@ def search(
     thumbnails: Annotated[Path | None, typer.Option(help="Write one JPEG per segment, box drawn, into this folder.")] = None,
     events: Annotated[Path | None, typer.Option(help="Also write every event (groundings, tracks) as JSONL here.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the segments as JSON on stdout (no table, no progress).")] = False,
+    cross_camera: Annotated[bool, typer.Option(
+        "--cross-camera", help="The files are cameras covering the same time: ground one frame per camera at "
+        "each instant and give the same object one global id across them (global tracks).")] = False,
+    one_referent: Annotated[bool, typer.Option(
+        "--one-referent", help="With --cross-camera: each query names one object, so its boxes in different "
+        "cameras at one instant are that object (no extra model calls); otherwise the model is asked which "
+        "box is the same object (correspondence requests).")] = False,
+    start: Annotated[list[str] | None, typer.Option(
+        help="With --cross-camera: common-clock seconds at a file's first frame, as CAMERA=SECONDS or, in file "
+        "order, SECONDS; repeat per file. Default: every file starts at the same instant.")] = None,
 ) -> None:
     """Search video files for what a query describes; print where it appears (segments).
 
@@ -127,6 +137,10 @@ def search(
              "replay": str(replay) if replay else None, "base_url": base_url, "device": device,
              "batch_size": batch_size, "events": str(events) if events else None}
     cfg = _search_config(ctx, names, files, query, min_score, flags)
+    if cross_camera:
+        cfg = _cross_camera_config(cfg, names, start or [], one_referent=one_referent)
+    elif start or one_referent:
+        raise ConfigError("--start and --one-referent go with --cross-camera; add --cross-camera or drop them")
     if cfg.engine.kind in ("gemvg", "gemvg-trt") and not cfg.engine.model:
         raise ConfigError("--model is required with --engine gemvg: give a model directory or hub id, or set "
                           "STREAMVG_ENGINE__MODEL (or use --engine replay --replay FILE)")
@@ -161,11 +175,17 @@ def search(
         result: dict[str, Any] = {"segments": [s.to_json() for s in segments]}
         result.update(outcome.summary_fields(summary, failures, code))
         result.update(_delivery_json(summary))
+        if summary.global_tracks is not None:
+            result["global_tracks"] = [g.to_json() for g in summary.global_tracks]
+            if pipe.identity is not None:
+                result["identity"] = pipe.identity.stats.as_dict()
         typer.echo(json.dumps(result))
     else:
         console = Console()
         title = f"{len(segments)} segment(s) in {len(files)} video(s), {summary.windows_grounded} windows, {summary.elapsed_s:.1f}s"
         console.print(_segments_table(segments, title))
+        if summary.global_tracks is not None:
+            console.print(_global_tracks_table(summary.global_tracks))
         if out is not None and not any(f.kind == "output" for f in failures):
             err_console.print(f"segments written to {out}")
     _print_failures(failures)
@@ -205,6 +225,40 @@ def _print_failures(failures: list[outcome.Failure]) -> None:
             err_console.print(f"[red]error: {f.error}[/]")
         else:
             err_console.print(f"[red]{Path(f.input).name if f.kind == 'unreadable' else f.input}: {f.error}[/]")
+
+
+def _cross_camera_config(cfg: PipelineConfig, names: list[str], start: list[str], *, one_referent: bool) -> PipelineConfig:
+    """`cfg` with multi-camera windows, the files' start times and identity on (`--cross-camera`)."""
+    from streamvg.config import IdentityConfig
+
+    if len(names) < 2:
+        raise ConfigError(f"--cross-camera needs files of at least two cameras, got {len(names)}; give more files")
+    starts: dict[str, float] = {}
+    for i, item in enumerate(start):
+        name, sep, value = item.rpartition("=")
+        if not sep:
+            if i >= len(names):
+                raise ConfigError(f"--start {item}: more start times than files ({len(names)}); give one per file")
+            name = names[i]
+        elif name not in names:
+            raise ConfigError(f"--start {item}: no camera {name!r}; cameras are {', '.join(names)}")
+        try:
+            starts[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"--start {item}: {value!r} is not a number of seconds; write CAMERA=SECONDS, e.g. {names[0]}=1.5") from None
+    sources = [src.model_copy(update={"start_s": starts.get(src.name, 0.0)}) for src in cfg.sources]
+    sampling = cfg.sampling.model_copy(update={"multi_camera": True})
+    identity = IdentityConfig(one_referent=["*"] if one_referent else [])
+    return cfg.model_copy(update={"sources": sources, "sampling": sampling, "identity": identity})
+
+
+def _global_tracks_table(tracks: list[Any]) -> Table:
+    table = Table(title=f"{len(tracks)} global track(s) across cameras")
+    for col in ("global id", "query", "cameras", "seen"):
+        table.add_column(col, overflow="fold")
+    for g in tracks:
+        table.add_row(str(g.global_id), g.query, str(len(g.cameras)), g.summary())
+    return table
 
 
 def _run_with_progress(pipe: Pipeline, names: list[str], files: list[Path], *, show: bool) -> RunSummary:

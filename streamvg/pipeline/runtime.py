@@ -35,6 +35,7 @@ from streamvg.events import Event
 from streamvg.grounding import Grounding, GroundingEngine, create_engine
 from streamvg.pipeline.control import ControlFollower, query_from_config
 from streamvg.pipeline.engine_stage import GroundingFailures, ground_in_chunks
+from streamvg.pipeline.identity_stage import GlobalTrack, IdentityStage, global_tracks
 from streamvg.pipeline.metrics import PipelineMetrics
 from streamvg.pipeline.queue import WindowQueue
 from streamvg.pipeline.tracking_stage import Segment, TrackingStage
@@ -102,6 +103,7 @@ class RunSummary:
     events_replayed: int = 0
     events_dropped: int = 0
     dropped_by_reason: dict[str, int] = field(default_factory=dict)
+    global_tracks: list[GlobalTrack] | None = None  # cross-camera identities (identity on), else None
 
 
 
@@ -167,12 +169,14 @@ class Pipeline:
         self._sources_lock = threading.Lock()
         self._cameras_running = 0
         self._cameras_running_lock = threading.Lock()
+        # Cross-camera identity sits between the trackers and the sinks (global_id on events).
+        self.identity = IdentityStage(config, publish=self._publish) if config.identity is not None else None
         self.processor = TrackingStage(
-            config, publish=self._publish, model_name=lambda: self._engine.name if self._engine else "",
+            config, publish=self.identity.publish if self.identity is not None else self._publish, model_name=lambda: self._engine.name if self._engine else "",
             collect_segments=collect_segments,
         )
         self._multi: MultiCameraWindows | None = None
-        self._multi_lock = threading.Lock()
+        self._multi_lock = threading.Condition()
         self.windows_grounded = 0
         self.events_published = 0
         self.unparseable_answers = 0
@@ -230,8 +234,11 @@ class Pipeline:
             tol = self.config.sampling.tolerance_s or 0.5 / (self.config.sampling.fps or 25.0)
             live = any(c.live for c in self.cameras.values())
             self._multi = MultiCameraWindows(
-                [s.name for s in self.config.sources], tolerance_s=tol, clock="wall" if live else "pts"
+                [s.name for s in self.config.sources], tolerance_s=tol, clock="wall" if live else "pts",
+                offsets_s={s.name: s.start_s for s in self.config.sources if s.start_s} or None,
             )
+        if self.identity is not None:
+            self.identity.bind_engine(self._engine)
         self._started_at = time.monotonic()
         self._cameras_running = len(self.config.sources)
         for src in self.config.sources:
@@ -313,6 +320,7 @@ class Pipeline:
             error=mask_text(str(self._engine_error)) if self._engine_error is not None
             and not isinstance(self._engine_error, KeyboardInterrupt) else None,
             **self.delivery(),
+            global_tracks=self.global_tracks() if self.identity is not None else None,
         )
 
     def delivery(self) -> dict[str, Any]:
@@ -334,7 +342,17 @@ class Pipeline:
                 "events_dropped": sum(reasons.values()), "dropped_by_reason": reasons}
 
     def segments(self) -> list[Segment]:
-        return self.processor.segments()
+        segs = self.processor.segments()
+        if self.identity is not None:
+            for seg in segs:
+                seg.global_id = self.identity.global_id(seg.query_id, seg.camera, seg.track_id)
+        return segs
+
+    def global_tracks(self) -> list[GlobalTrack]:
+        """Search segments grouped by cross-camera identity (empty without `identity`)."""
+        if self.identity is None:
+            return []
+        return global_tracks(self.processor.segments(), self.identity.global_id)
 
     def __enter__(self) -> Pipeline:
         return self.start()
@@ -384,7 +402,10 @@ class Pipeline:
             if self._multi is not None:
                 for frame in frames:
                     with self._multi_lock:
+                        if not cam.live:
+                            self._wait_for_other_cameras(name)
                         ready = self._multi.push(frame)
+                        self._multi_lock.notify_all()
                     for w in ready:
                         self._enqueue(name, w)
             else:
@@ -410,6 +431,20 @@ class Pipeline:
                 log.debug("closing camera %s failed", name, exc_info=True)
             self._camera_finished(name)
 
+    def _wait_for_other_cameras(self, name: str, limit_s: float = 2.0) -> None:
+        """Files in multi-camera windows: a camera half a buffer ahead of the others waits
+        (at most `limit_s`, so a camera that never starts cannot stall it), instead of
+        forcing groups out before the others' frames arrive. Keeps windows the same from run
+        to run whatever the decoding speed. Called with `_multi_lock` held."""
+        assert self._multi is not None
+        deadline = time.monotonic() + limit_s
+        while (
+            self._multi.pending(name) >= self._multi.max_buffer // 2
+            and not self._stop.is_set()
+            and time.monotonic() < deadline
+        ):
+            self._multi_lock.wait(0.05)
+
     def _count_frames(self, name: str, frames: Iterable[Frame]) -> Iterable[Frame]:
         cam = self.cameras[name]
         for frame in frames:
@@ -424,6 +459,7 @@ class Pipeline:
             # This camera ended: groups that waited only for it can go now.
             with self._multi_lock:
                 ready = self._multi.flush(name)
+                self._multi_lock.notify_all()
             for w in ready:
                 self._enqueue(name, w)
 
@@ -440,6 +476,13 @@ class Pipeline:
         return not self._stop.is_set()
 
     def _camera_finished(self, name: str) -> None:
+        if self._multi is not None:
+            # Also a camera that never opened: the others must not wait for its frames.
+            with self._multi_lock:
+                ready = self._multi.flush(name)
+                self._multi_lock.notify_all()
+            for w in ready:
+                self._enqueue(name, w)
         with self._cameras_running_lock:
             self._cameras_running -= 1
             last = self._cameras_running == 0
@@ -484,6 +527,8 @@ class Pipeline:
                     log.debug("grounding stopped between tokens: the run is stopping")
                     self._count_grounded([w for w in batch if id(w) in answered and id(w) not in failed])
                     break
+                if self.identity is not None:
+                    self.identity.ask(self._engine, batch_size)  # correspondence requests of this batch
                 self._count_grounded([w for w in batch if id(w) not in failed])
             self.processor.finish_all()
         except BaseException as exc:
@@ -520,7 +565,9 @@ class Pipeline:
             self.unparseable_answers += 1
             if cam0 is not None:
                 cam0.unparseable_answers += 1
-        self.processor.process(window, query, g, latency_ms)
+        fed = self.processor.process(window, query, g, latency_ms)
+        if self.identity is not None:
+            self.identity.observe(window, query, fed)
         if cam0 is not None:
             cam0.answers += 1
             cam0.last_latency_ms = latency_ms

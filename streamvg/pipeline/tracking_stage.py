@@ -48,6 +48,7 @@ class Segment:
     best_score: float
     hits: int = 1
     thumbnail: str | None = None
+    global_id: int | None = None  # cross-camera identity (identity on), else None
     best_frame: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -64,6 +65,7 @@ class Segment:
             "best_score": round(self.best_score, 4),
             "hits": self.hits,
             "thumbnail": self.thumbnail,
+            **({"global_id": self.global_id} if self.global_id is not None else {}),
         }
 
 
@@ -110,8 +112,14 @@ class TrackingStage:
         self._segments: dict[tuple[str, str, int], Segment] = {}
         self._lock = threading.RLock()
 
-    def process(self, window: Window, query: Query, g: Grounding, latency_ms: float | None) -> None:
-        """Publish the window's new frames' groundings and feed them to the trackers."""
+    def process(self, window: Window, query: Query, g: Grounding, latency_ms: float | None) -> dict[int, Detections]:
+        """Publish the window's new frames' groundings and feed them to the trackers.
+
+        Returns:
+            `{image index: tracked boxes}` for the frames fed now (confirmed tracks only,
+            `track_id` set), for stages after tracking (cross-camera identity).
+        """
+        fed: dict[int, Detections] = {}
         dets = g.detections
         if query.min_score > 0 and len(dets):
             dets = dets[dets.score >= query.min_score]
@@ -140,12 +148,14 @@ class TrackingStage:
                     Detections(frame_dets.xyxy, frame_dets.score, np.zeros(len(frame_dets), np.int64)), frame.pts
                 )
                 self._last_fed[key] = frame.pts
+                fed[k] = tracked
                 info = self._last_frame[key] = _FrameInfo(
                     frame.camera, frame.index, frame.pts, frame.size, frame.wall_time
                 )
                 self._publish_track_events(tracker, info, query, g.model, k)
                 if self.collect_segments and len(tracked):
                     self._update_segments(frame, query, tracked, tracker)
+        return fed
 
     def _publish_track_events(
         self, tracker: Tracker, frame: _FrameInfo, query: Query, model: str, image_index: int

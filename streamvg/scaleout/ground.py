@@ -51,6 +51,7 @@ from streamvg.events import Event
 from streamvg.grounding import Grounding, GroundingEngine, create_engine
 from streamvg.pipeline import (
     GroundingFailures,
+    IdentityStage,
     PipelineMetrics,
     Sink,
     TrackingStage,
@@ -180,7 +181,14 @@ class GroundWorker:
         else:
             self.sinks = [JsonlSink(config.sinks.jsonl.path)] if config.sinks.jsonl is not None else []
         self._events: list[Event] = []
-        self.stage = TrackingStage(config, publish=self._events.append, model_name=lambda: self.engine.name)
+        # Cross-camera identity: the linker lives with the worker that leases a multi-camera
+        # window's stream (windows travel whole to their first camera's stream); its state is
+        # saved in the same fenced commit as the tracker state.
+        self.identity = IdentityStage(config, publish=self._events.append) if config.identity is not None else None
+        if self.identity is not None:
+            self.identity.bind_engine(self.engine)
+        publish = self.identity.publish if self.identity is not None else self._events.append
+        self.stage = TrackingStage(config, publish=publish, model_name=lambda: self.engine.name)
         self.queries: list[Query] = [query_from_config(q) for q in config.queries]
         self.owned: dict[str, str] = {}  # camera -> lease value "{worker}|{token}"
         self._cursor: dict[str, str] = {}  # camera -> last work entry id done
@@ -289,6 +297,18 @@ class GroundWorker:
                 self.stage.drop_camera(cam)
                 reason = str(exc) if isinstance(exc, TrackingError) else f"the saved tracker state of camera {cam!r} {exc}"
                 self._commit(cam, Commit(state=b"", dead=[self._dead_state(state, reason)]))
+        if self.identity is not None:
+            saved: Any = self.client.get(key(self.pipeline, f"identitystate:{cam}"))
+            if saved:
+                try:
+                    self.identity.import_state(saved)
+                except ValueError as exc:
+                    log.warning("worker %s: %s", self.worker_id, exc)
+            # Only this stream camera's trackers were handed over; the window's other
+            # cameras start their track ids again, so their old tracks are forgotten.
+            for other in self.config.sources:
+                if other.name != cam:
+                    self.identity.forget_camera(other.name)
         log.info("worker %s took camera %s (token %d)", self.worker_id, cam, token_of(lease))
 
     def _dead_state(self, state: bytes, reason: str) -> tuple[bytes, str, str]:
@@ -302,7 +322,8 @@ class GroundWorker:
         if lease is None:
             return
         state = self.stage.export_camera(cam) if self.stage.camera_time(cam) is not None else None
-        if self._commit(cam, Commit(state=state), stop):
+        identity = self.identity.export_state() if self.identity is not None else None
+        if self._commit(cam, Commit(state=state, identity=identity), stop):
             self.fence.release(cam, lease)
             with self._lock:
                 self.owned.pop(cam, None)
@@ -367,7 +388,9 @@ class GroundWorker:
             mark = len(self._events)
             try:
                 for w, g, q, ms in pairs:
-                    self.stage.process(w, q, g, ms)
+                    fed = self.stage.process(w, q, g, ms)
+                    if self.identity is not None:
+                        self.identity.observe(w, q, fed)
                 self._unproven.discard(cam)
                 return
             except (TrackingError, ValueError, TypeError, IndexError, KeyError, MemoryError) as exc:
@@ -412,6 +435,9 @@ class GroundWorker:
                 self._unproven.discard(cam)
             elif id(it.window) not in failed:
                 self._track(cam, it, answers.get(id(it.window), []), commit, state_before)
+        if self.identity is not None:
+            self.identity.ask(self.engine, self.config.engine.batch_size)  # correspondence requests of this batch
+            commit.identity = self.identity.export_state()
         commit.grounded = len(windows) - len(failed)
         commit.failed = len(failed)
         commit.state = self.stage.export_camera(cam) if self.stage.camera_time(cam) is not None else b""

@@ -121,6 +121,8 @@ for j = 0, nd - 1 do
   local b = i + 3 * j
   redis.call('xadd', KEYS[7], 'MAXLEN', '~', '10000', '*', 'data', ARGV[b], 'error', ARGV[b + 1], 'source', ARGV[b + 2])
 end
+i = i + 3 * nd
+if ARGV[i] == 'set' then redis.call('set', KEYS[9], ARGV[i + 1]) end
 if tonumber(ARGV[5]) > 0 then redis.call('incrby', KEYS[5], ARGV[5]) end
 if tonumber(ARGV[6]) > 0 then redis.call('incrby', KEYS[6], ARGV[6]) end
 return 1
@@ -137,6 +139,7 @@ class Commit:
         events: Event JSON lines to XADD to the event stream (and PUBLISH on the live channel).
         dead: Dead letters `(data, error, source)`.
         grounded, failed: Counter increments (windows grounded / whose grounding raised).
+        identity: The cross-camera identity state to save with it (`None`: leave it).
     """
 
     state: bytes | None = None
@@ -145,6 +148,7 @@ class Commit:
     dead: list[tuple[bytes, str, str]] = field(default_factory=list)
     grounded: int = 0
     failed: int = 0
+    identity: bytes | None = None
 
 
 class Fence:
@@ -182,10 +186,11 @@ class Fence:
                            len(c.events), *c.events, len(c.dead)]
         for data, error, source in c.dead:
             args += [data, error, source]
+        args += ["keep", b""] if c.identity is None else ["set", c.identity]
         keys: Sequence[str] = [
             self.lease_key(camera), key(self.pipeline, f"trackstate:{camera}"), work_key, self.events_key,
             key(self.pipeline, "windows_grounded"), key(self.pipeline, "windows_failed"), key(self.pipeline, "dead"),
-            self.live_key,
+            self.live_key, key(self.pipeline, f"identitystate:{camera}"),
         ]
         return bool(self._commit(keys=list(keys), args=args, client=client))
 
