@@ -67,10 +67,8 @@ def test_nasty_passwords_masked_by_shape(pw: str) -> None:
         assert pw not in out and "viewer:***@127.0.0.1:554/stream1" in out
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(pw=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), min_size=6, max_size=24))
-def test_any_printable_password_never_shows(pw: str, tmp_path: Path) -> None:
-    assume("*" not in pw)  # "***" is the mask itself
+def _outputs_with_password(pw: str, tmp_path: Path) -> list[str]:
+    """Everything StreamVG prints about a pipeline whose camera and Redis URLs carry `pw`."""
     cam = f"rtsp://viewer:{pw}@127.0.0.1:9/stream1"
     red = f"redis://:{pw}@127.0.0.1:1/0"
     path = tmp_path / "p.yaml"
@@ -90,7 +88,18 @@ def test_any_printable_password_never_shows(pw: str, tmp_path: Path) -> None:
     ev = Event.source_status(pipeline="pw", camera="yard", state="down",
                              detail=mask_text(f"{cam} refused the username or password"))
     outputs.append(ev.to_json().decode())
-    for text in outputs:
+    return outputs
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pw=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), min_size=6, max_size=24))
+def test_any_printable_password_never_shows(pw: str, tmp_path: Path) -> None:
+    assume("*" not in pw)  # "***" is the mask itself
+    # A "password" that is part of what is printed anyway (".strea" of the spool folder's
+    # default name, say) cannot be told apart from it: such examples say nothing.
+    baseline = _outputs_with_password("Qz9Qz9Qz9Qz9", tmp_path)
+    assume(not any(pw in text for text in baseline))
+    for text in _outputs_with_password(pw, tmp_path):
         assert pw not in text, text
 
 
