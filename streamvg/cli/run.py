@@ -118,6 +118,7 @@ def search(
     thumbnails: Annotated[Path | None, typer.Option(help="Write one JPEG per segment, box drawn, into this folder.")] = None,
     events: Annotated[Path | None, typer.Option(help="Also write every event (groundings, tracks) as JSONL here.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the segments as JSON on stdout (no table, no progress).")] = False,
+    gating: Annotated[bool | None, typer.Option("--gating/--no-gating", help=GATING_HELP, show_default=False)] = None,
 ) -> None:
     """Search video files for what a query describes; print where it appears (segments).
 
@@ -151,6 +152,7 @@ def search(
         if isinstance(exc, ValidationError):
             raise ConfigError(format_validation_error(exc, source="streamvg search").replace("\n", "; ")) from exc
         raise
+    _apply_gating_flag(cfg, gating)
     if engine in ("gemvg", "gemvg-trt") and not model:
         raise ConfigError("--model is required with --engine gemvg: give a model directory or hub id (or use --engine replay --replay FILE)")
 
@@ -171,7 +173,7 @@ def search(
                                "windows_grounded": summary.windows_grounded,
                                "windows_failed": summary.windows_failed,
                                "unparseable_answers": summary.unparseable_answers,
-                               "error": summary.error}))
+                               "error": summary.error, **_work_json(summary, by_camera=True)}))
     else:
         console = Console()
         title = f"{len(segments)} segment(s) in {len(files)} video(s), {summary.windows_grounded} windows, {summary.elapsed_s:.1f}s"
@@ -251,6 +253,7 @@ def monitor(
     view: Annotated[bool, typer.Option("--view/--no-view", help="Live per-camera status table (on a terminal).")] = True,
     duration_s: Annotated[float | None, typer.Option(help="Stop after this many seconds (default: run until Ctrl-C/SIGTERM).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary at exit.")] = False,
+    gating: Annotated[bool | None, typer.Option("--gating/--no-gating", help=GATING_HELP, show_default=False)] = None,
 ) -> None:
     """Run a live multi-camera pipeline and publish events to Redis (or JSONL without a Redis URL).
 
@@ -259,6 +262,7 @@ def monitor(
     runs with `streamvg query add|remove`.
     """
     cfg = load_pipeline(pipeline_file)
+    _apply_gating_flag(cfg, gating)
     if role != "all":
         from streamvg.cli.scaleout import run_role
 
@@ -300,7 +304,8 @@ def monitor(
             "error": summary.error,
             "cameras": {n: {"state": c.state, "frames_in": c.frames_in, "windows_grounded": c.windows_grounded,
                             "windows_dropped": c.windows_dropped, "windows_failed": c.windows_failed,
-                            "reconnects": c.reconnects} for n, c in summary.cameras.items()},
+                            "reconnects": c.reconnects, **_camera_work_json(c)} for n, c in summary.cameras.items()},
+            **_work_json(summary),
         }))
     else:
         failed = f", {summary.windows_failed} failed" if summary.windows_failed else ""
@@ -309,6 +314,31 @@ def monitor(
     if summary.error:
         err_console.print(f"[red]error: {summary.error}[/]")
         raise typer.Exit(1)
+
+
+# --- change gating and model work (issue 18) ----------------------------------------
+
+GATING_HELP = ("Skip windows in which nothing changed since the last grounded frame (default: the pipeline "
+               "file's gating.enabled, 'auto' = on for model engines, off for replay).")
+
+
+def _apply_gating_flag(cfg: PipelineConfig, gating: bool | None) -> None:
+    if gating is not None:
+        cfg.gating.enabled = gating
+
+
+def _work_json(summary: RunSummary, *, by_camera: bool = False) -> dict[str, Any]:
+    """`windows_unchanged` and the model's work totals (and per camera), for `--json`."""
+    out: dict[str, Any] = {"windows_unchanged": summary.windows_unchanged, "model_work": dict(summary.work)}
+    if by_camera:
+        out["model_work_by_camera"] = {n: _camera_work_json(c) for n, c in summary.cameras.items()}
+    return out
+
+
+def _camera_work_json(cam: Any) -> dict[str, int]:
+    from streamvg.pipeline.runtime import WORK_KEYS
+
+    return {"windows_unchanged": cam.windows_unchanged, **{k: int(getattr(cam, k)) for k in WORK_KEYS}}
 
 
 class _Null:

@@ -23,13 +23,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from streamvg.config import PipelineConfig, QueryConfig
 from streamvg.errors import StreamVGError
 from streamvg.events import Event
+from streamvg.gating import ChangeGate
 from streamvg.grounding import Grounding, GroundingEngine, create_engine
 from streamvg.pipeline.control import ControlFollower, query_from_config
 from streamvg.pipeline.engine_stage import GroundingFailures, ground_in_chunks
@@ -42,7 +43,10 @@ from streamvg.sources import SourceStatus, is_live, open_source
 from streamvg.types import Frame, Query, Window
 from streamvg.windows import MultiCameraWindows, windows
 
-__all__ = ["CameraState", "Pipeline", "RunSummary", "Sink", "default_sinks"]
+__all__ = ["WORK_KEYS", "CameraState", "Pipeline", "RunSummary", "Sink", "default_sinks"]
+
+# What an engine reports per request in `Grounding.usage`, summed per camera and in total.
+WORK_KEYS = ("images_encoded", "images_cached", "prefill_tokens", "generated_tokens")
 
 log = logging.getLogger("streamvg.pipeline")
 
@@ -72,6 +76,13 @@ class CameraState:
     duration_s: float | None = None
     last_pts: float = 0.0
     reconnects: int = 0
+    # Model work (change gating, issue 18): windows not sent because nothing changed, and
+    # what the engine did for this camera's windows (`Grounding.usage`).
+    windows_unchanged: int = 0
+    images_encoded: int = 0
+    images_cached: int = 0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
 
 
 @dataclass
@@ -88,6 +99,8 @@ class RunSummary:
     unparseable_answers: int
     windows_failed: int = 0
     error: str | None = None  # why the run stopped early (the engine kept failing), else None
+    windows_unchanged: int = 0  # windows not sent to the engine because nothing changed
+    work: dict[str, int] = field(default_factory=dict)  # WORK_KEYS totals: images encoded/cached, tokens
 
 
 
@@ -160,6 +173,9 @@ class Pipeline:
         self._multi: MultiCameraWindows | None = None
         self._multi_lock = threading.Lock()
         self.windows_grounded = 0
+        self.windows_unchanged = 0
+        self.work: dict[str, int] = dict.fromkeys(WORK_KEYS, 0)
+        self._gate: ChangeGate | None = ChangeGate(config.gating) if config.gating.active(config.engine.kind) else None
         self.events_published = 0
         self.unparseable_answers = 0
         limit = config.engine.max_consecutive_failures
@@ -191,6 +207,8 @@ class Pipeline:
             existed = self._queries.pop(query_id, None) is not None
         if existed:
             log.info("query %s removed", query_id)
+            if self._gate is not None:
+                self._gate.forget_query(query_id)
             self.processor.finish_query(query_id)
         return existed
 
@@ -271,6 +289,8 @@ class Pipeline:
             elapsed_s=time.monotonic() - self._started_at if self._started_at else 0.0,
             unparseable_answers=self.unparseable_answers,
             windows_failed=self.failures.total,
+            windows_unchanged=self.windows_unchanged,
+            work=dict(self.work),
             error=mask_text(str(self._engine_error)) if self._engine_error is not None
             and not isinstance(self._engine_error, KeyboardInterrupt) else None,
         )
@@ -409,16 +429,7 @@ class Pipeline:
                 if not queries:
                     continue
                 assert self._engine is not None
-                requests = [(w, q) for w in batch for q in queries]
-                failed: set[int] = set()  # ids of windows whose grounding failed
-                for chunk, groundings, elapsed in ground_in_chunks(
-                    self._engine, requests, batch_size, self.failures, functools.partial(self._count_failed, failed)
-                ):
-                    if self.metrics:
-                        self.metrics.engine_latency.observe(elapsed)
-                    for (w, q), g in zip(chunk, groundings, strict=True):
-                        self._handle(w, q, g, elapsed * 1000.0 / len(chunk))
-                self._count_grounded([w for w in batch if id(w) not in failed])
+                self._ground_batch(batch, queries, batch_size)
             self.processor.finish_all()
         except BaseException as exc:
             self._engine_error = exc
@@ -427,6 +438,68 @@ class Pipeline:
         finally:
             self._done.set()
             self._notify()
+
+    def _ground_batch(self, batch: list[Window], queries: list[Query], batch_size: int) -> None:
+        """Gate, ground and hand on one batch of windows, in window order.
+
+        The change gate (`streamvg.gating`) keeps unchanged windows from the engine; their
+        frames are carried over (trackers hold, the last answer repeats). Results are handed
+        to the trackers in the windows' order, so a camera's carried-over frames and
+        grounded frames reach its trackers in time order."""
+        qids = [q.id for q in queries]
+        gate = self._gate
+        send = [w for w in batch if gate is None or gate.check(w, qids).ground]
+        sent = {id(w) for w in send}
+        requests = [(w, q) for w in send for q in queries]
+        failed: set[int] = set()  # ids of windows whose grounding failed
+        answers: dict[int, list[tuple[Query, Grounding, float]]] = {}
+        for chunk, groundings, elapsed in ground_in_chunks(
+            self._engine, requests, batch_size, self.failures, functools.partial(self._count_failed, failed)  # type: ignore[arg-type]
+        ):
+            if self.metrics:
+                self.metrics.engine_latency.observe(elapsed)
+            for (w, q), g in zip(chunk, groundings, strict=True):
+                answers.setdefault(id(w), []).append((q, g, elapsed * 1000.0 / len(chunk)))
+        for w in batch:
+            if id(w) not in sent:
+                for q in queries:
+                    self.processor.carry_over(w, q)
+                continue
+            for q, g, latency_ms in answers.get(id(w), ()):
+                self._handle(w, q, g, latency_ms)
+                self._count_work(w, g)
+            if id(w) in failed and gate is not None:
+                for cam in set(w.cameras):
+                    gate.forget(cam)  # its answer is missing: look again at the next window
+        self._count_unchanged([w for w in batch if id(w) not in sent])
+        self._count_grounded([w for w in send if id(w) not in failed])
+
+    def _count_unchanged(self, windows: list[Window]) -> None:
+        for w in windows:
+            name = w.frames[0].camera
+            cam = self.cameras.get(name)
+            if cam is not None:
+                cam.windows_unchanged += 1
+            self.windows_unchanged += 1
+            if self.metrics:
+                self.metrics.windows_unchanged.labels(name).inc()
+
+    def _count_work(self, window: Window, g: Grounding) -> None:
+        """Add the engine's work for one request (`Grounding.usage`) to its camera and the total."""
+        usage = getattr(g, "usage", None)
+        if not usage:
+            return
+        name = window.frames[0].camera
+        cam = self.cameras.get(name)
+        for key in WORK_KEYS:
+            n = int(usage.get(key, 0))
+            if not n:
+                continue
+            self.work[key] += n
+            if cam is not None:
+                setattr(cam, key, getattr(cam, key) + n)
+            if self.metrics:
+                self.metrics.work[key].labels(name).inc(n)
 
     def _count_failed(self, failed: set[int], window: Window) -> None:
         failed.add(id(window))

@@ -108,6 +108,7 @@ class TrackingStage:
         self._last_frame: dict[tuple[str, str], _FrameInfo] = {}
         self._queries: dict[tuple[str, str], Query] = {}
         self._segments: dict[tuple[str, str, int], Segment] = {}
+        self._last_answer: dict[tuple[str, str], tuple[Detections, str]] = {}  # boxes, model: what a carry-over repeats
         self._lock = threading.RLock()
 
     def process(self, window: Window, query: Query, g: Grounding, latency_ms: float | None) -> None:
@@ -126,6 +127,7 @@ class TrackingStage:
                     # non-decreasing, across live reconnects too, so nothing is skipped.
                     continue
                 frame_dets = dets[dets.image_index == k] if len(dets) else dets
+                self._last_answer[key] = (frame_dets, g.model)
                 self._publish(Event.grounding(
                     pipeline=self.pipeline, camera=frame.camera, query_id=query.id, query=query.text, t=frame.pts,
                     frame_index=frame.index, frame_size=frame.size, detections=frame_dets, model=g.model,
@@ -145,6 +147,41 @@ class TrackingStage:
                 self._publish_track_events(tracker, info, query, g.model, k)
                 if self.collect_segments and len(tracked):
                     self._update_segments(frame, query, tracked, tracker)
+
+    def carry_over(self, window: Window, query: Query) -> None:
+        """The change gate kept `window` from the engine: nothing changed since the last
+        grounded frame. Each new frame gets a `grounding` event repeating the last answer
+        (`carried_over: true`), the tracker holds its tracks at the frame's time (alive,
+        same boxes; nothing is lost because nothing was asked) and search segments go on
+        through the still stretch."""
+        order = sorted(range(len(window.frames)), key=lambda k: window.frames[k].pts)
+        with self._lock:
+            for k in order:
+                frame = window.frames[k]
+                key = (frame.camera, query.id)
+                last = self._last_fed.get(key)
+                if last is not None and frame.pts <= last:
+                    continue
+                answer, model = self._last_answer.get(key, (Detections.empty(), self._model_name()))
+                boxes = Detections(answer.xyxy, answer.score, np.full(len(answer), k, np.int64), answer.track_id)
+                self._publish(Event.grounding(
+                    pipeline=self.pipeline, camera=frame.camera, query_id=query.id, query=query.text, t=frame.pts,
+                    frame_index=frame.index, frame_size=frame.size, detections=boxes, model=model,
+                    wall_time=frame.wall_time, carried_over=True,
+                ))
+                tracker = self._trackers.get(key)
+                if tracker is None:
+                    tracker = self._trackers[key] = Tracker(self.config.tracker)
+                self._queries[key] = query
+                held = tracker.hold(frame.pts)
+                self._last_fed[key] = frame.pts
+                self._last_frame[key] = _FrameInfo(frame.camera, frame.index, frame.pts, frame.size, frame.wall_time)
+                self._publish_track_events(tracker, self._last_frame[key], query, model, k)  # tracks that ended
+                if self.collect_segments:
+                    for tid in held.track_id.tolist():
+                        seg = self._segments.get((frame.camera, query.id, int(tid)))
+                        if seg is not None:
+                            seg.end_s = max(seg.end_s, frame.pts)
 
     def _publish_track_events(
         self, tracker: Tracker, frame: _FrameInfo, query: Query, model: str, image_index: int
@@ -166,6 +203,7 @@ class TrackingStage:
             frame = self._last_frame.pop(key, None)
             t = self._last_fed.pop(key, None)
             query = self._queries.pop(key, None)
+            self._last_answer.pop(key, None)
             if tracker is None or t is None:
                 return
             tracker.finish(t)
@@ -259,6 +297,7 @@ class TrackingStage:
                 self._last_fed.pop(key, None)
                 self._last_frame.pop(key, None)
                 self._queries.pop(key, None)
+                self._last_answer.pop(key, None)
 
     def segments(self) -> list[Segment]:
         with self._lock:
