@@ -72,7 +72,7 @@ def _encode(path: Path, images: Sequence[NDArray[np.uint8]], fps: float, crf: in
 
 def _noisy(base: NDArray[np.float32], t: float, rng: np.random.Generator, noise: float, drift: float, period_s: float) -> NDArray[np.uint8]:
     gain = 1.0 + drift * np.sin(2 * np.pi * t / period_s)  # slow lighting drift
-    img = base * gain + rng.normal(0.0, noise, base.shape).astype(np.float32)
+    img = base * gain + rng.standard_normal(base.shape, dtype=np.float32) * noise
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
