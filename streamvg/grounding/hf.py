@@ -339,7 +339,7 @@ class GemVGEngine:
             return []
         t_start = time.perf_counter()
         all_frames = [f for w, _ in requests for f in w.frames]
-        cached_before = {k for k in map(self._key, all_frames) if k in self.cache}  # for Grounding.usage
+        cached_before: set[Hashable] = {k for k in map(self._key, all_frames) if k in self.cache}  # for Grounding.usage
         entries, prep_vis, vision_s = self.visual_tokens(all_frames)
         t_prompt = time.perf_counter()
         rows: list[list[int]] = []
