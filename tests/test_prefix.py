@@ -115,3 +115,31 @@ def test_four_queries_on_a_four_frame_window_prefill_the_images_once(
     alone = [engine.ground_many([(w, q)])[0] for q in qs]
     assert [g.raw_text for g in four] == [g.raw_text for g in alone]
     assert engine.stats.shared_prefix_requests == 3
+
+
+def test_remote_engine_sends_the_window_first_and_byte_identical_so_servers_reuse_it(
+    frames: list[Frame], tmp_path: Path
+) -> None:
+    """The remote engine's requests for four queries of one window agree byte for byte up to
+    the question: a prefix-caching server (the stub server counts the shared bytes as vLLM
+    counts cached tokens) prefills the images once."""
+    import json
+
+    from streamvg.grounding.remote import OpenAIEngine
+    from streamvg.testing.openai_server import OpenAIStubProcess
+
+    w = Window(tuple(frames[2:6]))
+    qs = [Query(id=f"q{i}", text=TEXTS[i]) for i in range(4)]
+    srv = OpenAIStubProcess(tmp_path, {"answers": [], "default": "[]"}, model="Qwen2.5-VL-7B-Instruct")
+    try:
+        with OpenAIEngine(srv.base_url, model="Qwen2.5-VL-7B-Instruct", max_pixels=448 * 448, concurrency=1) as engine:
+            bodies = [json.dumps(engine._body(w, q)[0]["messages"], separators=(",", ":")) for q in qs]
+            out = engine.ground_many([(w, q) for q in qs])
+    finally:
+        srv.stop()
+    question = bodies[0].index(TEXTS[0])
+    assert all(b[:question] == bodies[0][:question] for b in bodies)  # system, images: identical bytes
+    assert bodies[0][:question].count("\"type\":\"image_url\"") == 4 and "image_url" not in bodies[0][question:]
+    first, rest = out[0].usage["prefill_tokens"], [g.usage["prefill_tokens"] for g in out[1:]]
+    assert all(r < first / 10 for r in rest), (first, rest)  # the images were "cached" after the first query
+    assert all(g.usage["generated_tokens"] > 0 for g in out)
