@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import re
 import subprocess
 import sys
@@ -294,12 +293,25 @@ def _usage(state: OpenAIStubState, body: dict[str, Any], answer: str) -> dict[st
     text = json.dumps(body.get("messages", []), separators=(",", ":"))
     with state.lock:
         seen: list[str] = state.__dict__.setdefault("_prompts", [])
-        common = max((len(os.path.commonprefix([text, old])) for old in seen), default=0)
+        common = max((_shared_prefix(text, old) for old in seen), default=0)
         seen.append(text)
         del seen[:-32]
     prompt, completion = len(text) // 4, max(1, len(answer) // 4)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": common // 4}}
+
+
+def _shared_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix of `a` and `b` (characters)."""
+    n = min(len(a), len(b))
+    lo, hi = 0, n  # binary search on prefix equality: O(n log n) slicing, fine for a stub
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class _QuietServer(ThreadingHTTPServer):
