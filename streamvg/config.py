@@ -241,7 +241,7 @@ class GatingConfig(_Model):
         "replay, whose stored answers cost nothing and are ground truth for each frame.",
     )
     max_unchanged_s: float = Field(
-        default=10.0, gt=0,
+        default=30.0, gt=0,
         description="Ground a window anyway once this many media seconds passed since the camera was last "
         "grounded; lower catches what the change measure misses sooner, higher saves more model work.",
     )
