@@ -253,3 +253,39 @@ def test_search_json_reports_unchanged_windows_and_the_gating_flag(still: StillS
     assert on["model_work_by_camera"]["still"]["windows_unchanged"] == on["windows_unchanged"]
     strip = lambda segs: [{k: v for k, v in s.items() if k != "hits"} for s in segs]  # noqa: E731
     assert strip(on["segments"]) == strip(off["segments"])
+
+
+def test_model_work_is_counted_per_camera_in_the_summary_and_prometheus(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The real `gemvg` engine (tiny Qwen2.5-VL) behind the gate, two standing queries (so
+    each grounded window shares its visual prefix): the summary, the cameras and the
+    Prometheus registry agree on the work done, and unchanged windows cost none."""
+    from prometheus_client import generate_latest
+
+    from streamvg.testing.servers import free_port
+
+    scene = write_still_scene(tmp_path, name="hall", duration_s=12.0, fps=5.0, activity=((5.0, 7.0),))
+    cfg = PipelineConfig(
+        name=f"work-{uuid.uuid4().hex[:8]}",
+        sources=[SourceConfig(name="hall", uri=str(scene.video))],
+        sampling=SamplingConfig(fps=1.0, window_size=2, stride=2),
+        queries=[QueryConfig(id="a", text="the red square"), QueryConfig(id="b", text="a person")],
+        engine=EngineConfig(kind="gemvg", model=str(tiny_models["qwen2_5_vl"]), device="cpu", max_pixels=112 * 112,
+                            max_new_tokens=4, batch_size=4),
+    )
+    assert cfg.gating.active(cfg.engine.kind)  # 'auto' gates model engines
+    pipe = Pipeline(cfg, sinks=[ListSink()], control=False, metrics_port=free_port())
+    summary = pipe.run()
+    cam = summary.cameras["hall"]
+    assert summary.windows_unchanged >= 2 and summary.windows_grounded >= 2
+    assert summary.windows_grounded + summary.windows_unchanged == 6
+    assert summary.work["images_encoded"] == 2 * summary.windows_grounded  # one encoding per grounded frame
+    assert summary.work["images_cached"] == 2 * summary.windows_grounded  # the second query's frames
+    assert summary.work["prefill_tokens"] > 0 and summary.work["generated_tokens"] > 0
+    for key, total in summary.work.items():
+        assert getattr(cam, key) == total
+    assert pipe.metrics is not None
+    text = generate_latest(pipe.metrics.registry).decode()
+    assert f'streamvg_windows_unchanged_total{{camera="hall"}} {float(summary.windows_unchanged)}' in text
+    assert f'streamvg_prefill_tokens_total{{camera="hall"}} {float(summary.work["prefill_tokens"])}' in text
