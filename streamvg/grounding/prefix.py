@@ -22,7 +22,9 @@ The tests check the answers token for token against the per-query path.
 
 The trade-off: the prefill of a prefix is a separate forward, so a batch of one query per
 window gains nothing (the plain path runs then); with Q queries the prefill work falls from
-Q × (prefix + suffix) to prefix + Q × suffix tokens.
+Q × (prefix + suffix) to prefix + Q × suffix tokens. A static KV cache (`generation_config.
+cache_implementation`, which `gemvg-trt` sets on GPU for torch.compile) is allocated inside
+`generate`, so those engines run the plain path.
 """
 
 from __future__ import annotations
@@ -84,9 +86,12 @@ def generate_shared(
         rows: Each request's prompt ids, visual pads expanded, unpadded.
         per_request: Each request's visual-token entries, one per image, in prompt order.
     """
-    if "cache_implementation" in kwargs or len(rows) < 2:
-        return None  # a static / compiled cache brings its own; nothing to share in one row
     model = engine.model
+    gen_cfg = getattr(model, "generation_config", None)
+    if "cache_implementation" in kwargs or getattr(gen_cfg, "cache_implementation", None) or len(rows) < 2:
+        # A static (compiled) cache is allocated by generate itself, so it cannot start from
+        # a copied prefix: the gemvg-trt path on GPU runs the plain path. One row: nothing to share.
+        return None
     vision_end = int(engine.tokenizer.convert_tokens_to_ids(VISION_END))
     splits: list[int] = []
     for r in rows:
