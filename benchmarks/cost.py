@@ -59,7 +59,8 @@ def gating_case(model: Path, work: Path, *, duration_s: float, bursts: int, max_
     burst = duration_s / 3 / bursts
     gap = (duration_s - bursts * burst) / (bursts + 1)
     activity = [(gap * (k + 1) + burst * k, gap * (k + 1) + burst * (k + 1)) for k in range(bursts)]
-    scene = write_still_scene(work / "scene", duration_s=duration_s, fps=10.0, activity=activity)
+    # The object walks between its spots and paces about (40 px/s in a 320-px frame) while active.
+    scene = write_still_scene(work / "scene", duration_s=duration_s, fps=10.0, activity=activity, wander_px_s=40.0)
     fps, size = 2.0, 4
 
     class Events:

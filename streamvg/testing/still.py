@@ -104,10 +104,14 @@ def write_still_scene(
     drift_period_s: float = 30.0,
     crf: int = 26,
     seed: int = 0,
+    wander_px_s: float = 0.0,
 ) -> StillScene:
     """Encode a still scene whose object moves only during `activity` (media seconds).
 
     Args:
+        wander_px_s: During activity, the object also walks back and forth sideways at
+            this speed (pixels per second, over a tenth of the frame's width), as a person
+            pacing does; 0 keeps it on the straight path between its parking spots.
         noise: Temporal sensor noise, gray levels (one standard deviation) per pixel per frame.
         drift: Relative brightness swing of the slow lighting drift (0.06 = ±6 %).
         drift_period_s: Period of that drift, seconds.
@@ -135,6 +139,11 @@ def write_still_scene(
             elif t >= a:
                 u = (t - a) / (b - a)
                 spot = (spots[k][0] + u * (spots[k + 1][0] - spots[k][0]), spots[k][1] + u * (spots[k + 1][1] - spots[k][1]))
+                if wander_px_s > 0:  # a triangle wave that starts and ends at 0
+                    amp = width * 0.1
+                    phase = ((t - a) * wander_px_s / amp) % 4.0
+                    tri = phase if phase < 1 else 2 - phase if phase < 3 else phase - 4
+                    spot = (spot[0] + amp * tri * min(1.0, (b - t) * wander_px_s / amp), spot[1])
                 moving = True
                 break
         base = bg.copy()
