@@ -111,6 +111,11 @@ class SamplingConfig(_Model):
         description="Ground one frame per camera at the same instant (cross-camera queries) instead of "
         "one camera over time.",
     )
+    max_frame_pixels: int | None = Field(
+        default=3840 * 2160, ge=1,
+        description="Frames with more pixels are downscaled on decode to at most this many, aspect kept "
+        "(files, streams, devices; null = never). The default is 4K UHD (8.3 Mpx).",
+    )
 
     @model_validator(mode="after")
     def _stride_le_size(self) -> SamplingConfig:
@@ -204,6 +209,7 @@ class TrackerConfig(_Model):
     high_score: float = Field(default=0.5, ge=0, le=1, description="Boxes at or above this score extend confirmed tracks first and may start new tracks; raising it avoids tracks from doubtful boxes but starts real ones later.")
     low_score: float = Field(default=0.1, ge=0, le=1, description="Boxes scoring from low_score up to high_score only extend existing confirmed tracks (ByteTrack's second stage); boxes below are ignored.")
     min_confirm_hits: int = Field(default=2, ge=1, description="Matched updates before a track is confirmed, gets an id and is reported; higher removes flicker from false boxes but delays new ids (at 1 update/s, by a second per hit).")
+    confirm_s: float = Field(default=0.1, ge=0, description="Seconds of updates a new track must span before it is reported, capped by min_confirm_hits: at high rates a stray box has to repeat, while at grounding rates (updates sparser than this) a track reports from its first box, since waiting for a second would hide every real object for a whole update interval. 0 always waits for min_confirm_hits.")
     max_lost_s: float = Field(default=3.0, gt=0, description="Media seconds a confirmed track survives without a match; longer bridges occlusions and missed answers but risks handing the id to another object.")
     gate_sigmas: float = Field(default=4.0, gt=0, description="Largest distance of a box from a track's predicted box (centre and size together), in standard deviations of the prediction; the allowance widens by itself with the seconds since the track was seen. Higher re-finds fast movers, lower confuses neighbours less.")
     min_iou: float = Field(default=0.3, ge=0, le=1, description="Overlap with the predicted box that allows a match even outside the gate (sudden size changes at high rates); 1 disables it.")

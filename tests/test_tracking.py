@@ -86,7 +86,7 @@ def test_missing_for_less_than_max_lost_keeps_id_and_longer_ends() -> None:
 
 
 def test_lifecycle_events_and_confirmation() -> None:
-    trk = Tracker(min_confirm_hits=3)
+    trk = Tracker(min_confirm_hits=3, confirm_s=0.0)  # always 3 hits, whatever the rate
     outs = [trk.update(boxes(person(100 + 10 * k, 100)), 0.2 * k) for k in range(4)]
     assert [len(o) for o in outs] == [0, 0, 1, 1]
     events = trk.pop_events()
@@ -109,10 +109,24 @@ def test_min_confirm_hits_one_reports_at_once() -> None:
 
 
 def test_tentative_track_from_a_single_false_box_never_reports() -> None:
-    trk = Tracker()
+    trk = Tracker(confirm_s=0.0)
     trk.update(boxes(person(100, 100)), 0.0)
     out = trk.update(boxes(person(500, 300)), 0.5)  # far away: not the same object
     assert len(out) == 0 and trk.pop_events() == []
+
+
+@pytest.mark.parametrize(("rate", "hits"), [(25.0, 2), (12.0, 2), (9.0, 1), (5.0, 1), (1.0, 1)])
+def test_confirmation_is_in_seconds_at_grounding_rates(rate: float, hits: int) -> None:
+    # At 25 updates/s a stray box must repeat before it is a track; at grounding rates
+    # waiting for a second box would hide every real object for a whole interval.
+    trk = Tracker()  # min_confirm_hits=2, confirm_s=0.1
+    trk.update(boxes(person(900, 300)), 0.0)  # someone else, so the interval is known
+    trk.update(boxes(person(900, 300)), 1.0 / rate)
+    trk.pop_events()
+    out = trk.update(boxes(person(900, 300), person(100, 100)), 2.0 / rate)
+    assert (100.0 in ids_by_x(out).values()) == (hits == 1)
+    out = trk.update(boxes(person(900, 300), person(100, 100)), 3.0 / rate)
+    assert 100.0 in ids_by_x(out).values()
 
 
 def test_low_score_boxes_extend_but_never_start_tracks() -> None:

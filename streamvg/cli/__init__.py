@@ -42,6 +42,7 @@ _COMMAND_MODULES: list[str] = [
     "probe",
     "ground",
     "run",
+    "eval",
 ]
 
 for _name in _COMMAND_MODULES:

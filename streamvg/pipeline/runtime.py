@@ -328,7 +328,7 @@ class Pipeline:
         try:
             src = open_source(
                 uri, fps=s.fps, snap=s.snap, tolerance_s=s.tolerance_s, camera=name,
-                on_status=self._on_status, **options,
+                on_status=self._on_status, max_pixels=s.max_frame_pixels, **options,
             )
         except StreamVGError as exc:
             cam.state, cam.detail = "failed", mask_text(str(exc))

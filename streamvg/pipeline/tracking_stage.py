@@ -135,7 +135,8 @@ class TrackingStage:
                 ))
                 tracker = self._trackers.get(key)
                 if tracker is None:
-                    tracker = self._trackers[key] = Tracker(self.config.tracker)
+                    fps = self.config.sampling.fps  # frames reach a tracker at the sampling rate
+                    tracker = self._trackers[key] = Tracker(self.config.tracker, interval_s=1.0 / fps if fps else None)
                 self._queries[key] = query
                 tracked = tracker.update(
                     Detections(frame_dets.xyxy, frame_dets.score, np.zeros(len(frame_dets), np.int64)), frame.pts
