@@ -172,7 +172,8 @@ class TrackingStage:
                 ))
                 tracker = self._trackers.get(key)
                 if tracker is None:
-                    tracker = self._trackers[key] = Tracker(self.config.tracker)
+                    fps = self.config.sampling.fps
+                    tracker = self._trackers[key] = Tracker(self.config.tracker, interval_s=1.0 / fps if fps else None)
                 self._queries[key] = query
                 held = tracker.hold(frame.pts)
                 self._last_fed[key] = frame.pts
