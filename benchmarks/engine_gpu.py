@@ -12,6 +12,9 @@ tokens (EOS suppressed) so every path does the same work. Paths:
                       `--trt` and `tensorrt` installed: export + build add minutes).
 - `ort_vision`        (--dry-run only) the exported vision graph in ONNX Runtime, to exercise
                       the export + encoder-swap code path on CPU.
+- `shared_prefix_q4`  four queries of one window: the shared visual prefix (prefill once,
+                      decode each query on a copy of the KV cache) against one prompt per
+                      query in one batch; latency, prefill tokens and same-tokens check.
 
 Each result also carries `vision_s`, the vision encoder alone on the same frames. Ratios are
 against `hf_eager_bf16` measured in the same run. `--dry-run` runs everything on CPU with a
@@ -143,6 +146,75 @@ def time_vision(visual: Any, inputs: dict[str, torch.Tensor], *, repeats: int, d
     return times[len(times) // 2]
 
 
+def time_shared_prefix(model: Any, frames: int, size: int, new_tokens: int, *, queries: int, repeats: int,
+                       device: torch.device) -> dict[str, Any]:
+    """`queries` queries of one window: the shared visual prefix (`streamvg.grounding.prefix`,
+    prefill once, each query on a copy of the KV cache) against one full prompt per query in
+    one batch (the plain path), both from the same precomputed visual tokens. Median seconds
+    of each, prefill tokens of each, and whether they generated the same tokens."""
+    from types import SimpleNamespace
+
+    from streamvg.grounding.cache import CacheEntry
+    from streamvg.grounding.prefix import generate_shared
+    from streamvg.grounding.vision import HFVisionEncoder, split_tokens
+
+    cfg = model.config
+    one = make_inputs(model, 1, frames, size, device)
+    grid = one["image_grid_thw"]
+    with torch.inference_mode():
+        tokens = HFVisionEncoder(model).encode(one["pixel_values"], grid)
+    entries = [CacheEntry(t, (int(g[0]), int(g[1]), int(g[2])))
+               for t, g in zip(split_tokens(tokens, grid.cpu(), cfg.vision_config.spatial_merge_size), grid.tolist(), strict=True)]
+    prefix = one["input_ids"][0, :-24].tolist()
+    rows = [prefix + [20 + q + k for k in range(24 + q)] for q in range(queries)]  # a different question each
+    pad = int(cfg.text_config.pad_token_id)
+    eos = int(cfg.text_config.eos_token_id)
+    width = max(len(r) for r in rows)
+    ids = torch.full((queries, width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    plain_inputs = {
+        "input_ids": ids.to(device), "attention_mask": mask.to(device),
+        "mm_token_type_ids": (ids == cfg.image_token_id).to(torch.int32).to(device),
+        "image_grid_thw": grid.repeat(queries, 1),
+        "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=tuple(e.tokens for e in entries) * queries)},
+    }
+    kwargs: dict[str, Any] = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": pad}
+    shim = SimpleNamespace(
+        model=model, pad_id=pad, image_token_id=int(cfg.image_token_id), device=device, eos_ids=[eos],
+        tokenizer=SimpleNamespace(convert_tokens_to_ids=lambda _t: int(cfg.vision_end_token_id)),
+    )
+
+    def timed(fn: Any) -> tuple[float, torch.Tensor]:
+        times, out = [], None
+        with torch.inference_mode():
+            for i in range(repeats + 1):
+                _sync(device)
+                t0 = time.perf_counter()
+                out = fn()
+                _sync(device)
+                if i:
+                    times.append(time.perf_counter() - t0)
+        times.sort()
+        assert out is not None
+        return times[len(times) // 2], out
+
+    plain_s, plain_out = timed(lambda: model.generate(**plain_inputs, **kwargs))
+    shared_s, shared = timed(lambda: generate_shared(shim, plain_inputs, kwargs, rows, [entries] * queries))
+    assert shared is not None
+    shared_seq = shared.sequences if not isinstance(shared, torch.Tensor) else shared
+    return {
+        "queries": queries, "frames": frames,
+        "plain_s": round(plain_s, 4), "shared_s": round(shared_s, 4), "speedup": round(plain_s / shared_s, 3),
+        "prefill_tokens_plain": sum(len(r) for r in rows), "prefill_tokens_shared": sum(shared.prefill_tokens),
+        "same_tokens": bool(torch.equal(plain_out[:, width:].cpu(), shared_seq[:, width:].cpu())),
+    }
+
+
 def export_tower(model: Any, out_dir: Path, *, max_pixels: int, max_images: int, precision: str) -> Path:
     """Save the vision tower (config + weights) and export it with `streamvg engine export`'s code."""
     from safetensors.torch import save_file
@@ -234,6 +306,17 @@ def main(argv: list[str] | None = None) -> int:
                 report["errors"][f"{path}@{batch}"] = f"{type(exc).__name__}: {exc}"[:500]
                 continue
             record(path, batch, latency, vision)
+
+    # Q = 4 standing queries of one window: shared visual prefix vs one prompt per query (issue 18).
+    if over_budget():
+        report["skipped"]["shared_prefix_q4"] = "time budget"
+    else:
+        try:
+            report["shared_prefix_q4"] = time_shared_prefix(
+                model, args.frames, args.size, args.new_tokens, queries=4, repeats=args.repeats, device=device
+            )
+        except Exception as exc:
+            report["errors"]["shared_prefix_q4"] = f"{type(exc).__name__}: {exc}"[:500]
 
     # The exported vision encoder in place of the model's tower: TensorRT on GPU, ONNX Runtime in the dry run.
     encoder_path = None

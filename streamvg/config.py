@@ -47,6 +47,7 @@ from streamvg.redaction import mask_url, remember_secret, remember_url_secret
 __all__ = [
     "ControlConfig",
     "EngineConfig",
+    "GatingConfig",
     "IdentityConfig",
     "JsonlSinkConfig",
     "MetricsConfig",
@@ -290,6 +291,49 @@ class IdentityConfig(_Model):
         description="Overlap an answered box needs with a tracked box to count as pointing at that track.",
     )
 
+class GatingConfig(_Model):
+    """Change gating: windows in which nothing changed are not sent to the engine.
+
+    Each sampled frame is compared with the last frame of its camera that was grounded
+    (downscaled to `width` pixels, grayscale, brightness and contrast matched to the
+    reference so slow lighting drift and auto-exposure do not count); a cell counts as
+    changed when it differs by more than `pixel_threshold` gray levels, and a frame as
+    changed when more than `min_changed_fraction` of its cells did. A window none of whose
+    new frames changed is carried over: trackers hold their tracks, grounding events repeat
+    the last answer with `carried_over: true`. See `streamvg.gating`.
+    """
+
+    enabled: bool | Literal["auto"] = Field(
+        default="auto",
+        description="true, false, or 'auto': on for model engines (gemvg, gemvg-trt, openai), off for "
+        "replay, whose stored answers cost nothing and are ground truth for each frame.",
+    )
+    max_unchanged_s: float = Field(
+        default=30.0, gt=0,
+        description="Ground a window anyway once this many media seconds passed since the camera was last "
+        "grounded; lower catches what the change measure misses sooner, higher saves more model work.",
+    )
+    pixel_threshold: float = Field(
+        default=12.0, gt=0, le=255,
+        description="Gray levels (0-255) by which a downscaled cell must differ from the reference to count "
+        "as changed; lower sees fainter changes but lets sensor noise and compression flicker through.",
+    )
+    min_changed_fraction: float = Field(
+        default=0.001, gt=0, le=1,
+        description="Fraction of cells that must change for a frame to count as changed (0.001 of a 160x90 "
+        "image is 14 cells, a 24-pixel object in a 640-wide frame); lower sees smaller objects, higher "
+        "ignores more clutter.",
+    )
+    width: int = Field(
+        default=160, ge=16, le=1920,
+        description="Width in pixels frames are downscaled to before comparing; larger sees smaller objects "
+        "but costs more CPU per frame (160 is about 0.1 ms).",
+    )
+
+    def active(self, engine_kind: str) -> bool:
+        """Whether gating runs for an engine of kind `engine_kind`."""
+        return engine_kind != "replay" if self.enabled == "auto" else bool(self.enabled)
+
 
 class RedisSinkConfig(_Model):
     """Publish events to Redis Streams + pub/sub."""
@@ -393,6 +437,7 @@ class PipelineConfig(BaseSettings):
     identity: IdentityConfig | None = Field(
         default=None, description="Cross-camera identities (global_id); off when absent."
     )
+    gating: GatingConfig = Field(default_factory=GatingConfig, description="Skip windows in which nothing changed.")
 
     @classmethod
     def settings_customise_sources(

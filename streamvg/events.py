@@ -4,7 +4,7 @@ Kinds:
 
 | kind | when | kind-specific fields |
 | --- | --- | --- |
-| `grounding` | a query was grounded on a frame (boxes may be empty) | `boxes` (every box of the frame) |
+| `grounding` | a query was grounded on a frame (boxes may be empty) | `boxes` (every box of the frame); `carried_over: true` when nothing changed and the last answer is repeated |
 | `track_start` | a track was confirmed | `track_id`, `boxes` (its box) |
 | `track_update` | a confirmed track moved (or was lost: `detail: "lost"`) | `track_id`, `boxes` |
 | `track_end` | a track ended (lost too long, or end of file) | `track_id`, `boxes` (last box) |
@@ -260,6 +260,12 @@ with warnings.catch_warnings():
             description="Cross-camera identity of the track (track_* kinds, with identity on): the same "
             "object in every camera of the pipeline has the same global_id; may change as links form.",
         )
+        carried_over: bool | None = Field(
+            default=None,
+            description="grounding: true when the frame was not sent to the model because nothing changed "
+            "since the last grounded frame (change gating), and the boxes are that frame's answer carried "
+            "over; null when the model answered this frame.",
+        )
 
         @model_validator(mode="before")
         @classmethod
@@ -320,12 +326,14 @@ with warnings.catch_warnings():
             wall_time: float | None = None,
             latency_ms: float | None = None,
             processed_time: float | None = None,
+            carried_over: bool | None = None,
         ) -> Event:
             """A `grounding` event: every box the model found for `query_id` in one frame.
 
             `detections` are the boxes of that frame (`image_index` says which image of the
             window it was). `latency_ms` defaults to processing time minus `wall_time` for
-            live sources.
+            live sources. `carried_over=True` marks a frame the change gate did not send to
+            the model: the boxes are the last grounded frame's answer.
 
             Example:
                 >>> d = Detections(xyxy=np.array([[10, 20, 110, 220]]), score=np.array([0.9]))
@@ -366,6 +374,7 @@ with warnings.catch_warnings():
                 "state": None,
                 "detail": None,
                 "global_id": None,
+                "carried_over": carried_over,
             }
             # Event._trusted(fields), inlined (one call less per event).
             ev = _new(cls)
@@ -449,6 +458,7 @@ with warnings.catch_warnings():
                     "state": None,
                     "detail": detail if detail is not None else default_detail,
                     "global_id": global_id,
+                    "carried_over": None,
                 }
             )
 
@@ -495,6 +505,7 @@ with warnings.catch_warnings():
                     "state": state,
                     "detail": mask_text(detail) if detail else "",
                     "global_id": None,
+                    "carried_over": None,
                 }
             )
 

@@ -121,6 +121,7 @@ def search(
     start: Annotated[list[str] | None, typer.Option(
         help="With --cross-camera: common-clock seconds at a file's first frame, as CAMERA=SECONDS or, in file "
         "order, SECONDS; repeat per file. Default: every file starts at the same instant.")] = None,
+    gating: Annotated[bool | None, typer.Option("--gating/--no-gating", help=GATING_HELP, show_default=False)] = None,
 ) -> None:
     """Search video files for what a query describes; print where it appears (segments).
 
@@ -141,6 +142,7 @@ def search(
         cfg = _cross_camera_config(cfg, names, start or [], one_referent=one_referent)
     elif start or one_referent:
         raise ConfigError("--start and --one-referent go with --cross-camera; add --cross-camera or drop them")
+    _apply_gating_flag(cfg, gating)
     if cfg.engine.kind in ("gemvg", "gemvg-trt") and not cfg.engine.model:
         raise ConfigError("--model is required with --engine gemvg: give a model directory or hub id, or set "
                           "STREAMVG_ENGINE__MODEL (or use --engine replay --replay FILE)")
@@ -175,6 +177,7 @@ def search(
         result: dict[str, Any] = {"segments": [s.to_json() for s in segments]}
         result.update(outcome.summary_fields(summary, failures, code))
         result.update(_delivery_json(summary))
+        result.update(_work_json(summary, by_camera=True))
         if summary.global_tracks is not None:
             result["global_tracks"] = [g.to_json() for g in summary.global_tracks]
             if pipe.identity is not None:
@@ -359,6 +362,7 @@ def monitor(
     view: Annotated[bool, typer.Option("--view/--no-view", help="Live per-camera status table (on a terminal).")] = True,
     duration_s: Annotated[float | None, typer.Option(help="Stop after this many seconds (default: run until Ctrl-C/SIGTERM).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary at exit.")] = False,
+    gating: Annotated[bool | None, typer.Option("--gating/--no-gating", help=GATING_HELP, show_default=False)] = None,
 ) -> None:
     """Run a live multi-camera pipeline and publish events to Redis (or JSONL without a Redis URL).
 
@@ -369,6 +373,7 @@ def monitor(
     cfg = load_pipeline(pipeline_file)
     if metrics_port is not None:
         preflight.check_metrics_port(metrics_port)
+    _apply_gating_flag(cfg, gating)
     if role != "all":
         from streamvg.cli.scaleout import run_role
 
@@ -427,9 +432,11 @@ def monitor(
         }
         result.update(outcome.summary_fields(summary, failures, code))
         result.update(_delivery_json(summary))
+        result.update(_work_json(summary))
         result["cameras"] = {n: {"state": c.state, "frames_in": c.frames_in, "windows_grounded": c.windows_grounded,
                                  "windows_dropped": c.windows_dropped, "windows_failed": c.windows_failed,
-                                 "reconnects": c.reconnects, "detail": c.detail} for n, c in summary.cameras.items()}
+                                 "reconnects": c.reconnects, "detail": c.detail, **_camera_work_json(c)}
+                             for n, c in summary.cameras.items()}
         typer.echo(json.dumps(result))
     else:
         failed = f", {summary.windows_failed} failed" if summary.windows_failed else ""
@@ -446,6 +453,31 @@ def _delivery_json(summary: RunSummary) -> dict[str, Any]:
     """Delivery counts for `--json`: spooled, replayed, dropped (and why)."""
     return {"events_spooled": summary.events_spooled, "events_replayed": summary.events_replayed,
             "events_dropped": summary.events_dropped, "dropped_by_reason": summary.dropped_by_reason}
+
+
+# --- change gating and model work (issue 18) ----------------------------------------
+
+GATING_HELP = ("Skip windows in which nothing changed since the last grounded frame (default: the pipeline "
+               "file's gating.enabled, 'auto' = on for model engines, off for replay).")
+
+
+def _apply_gating_flag(cfg: PipelineConfig, gating: bool | None) -> None:
+    if gating is not None:
+        cfg.gating.enabled = gating
+
+
+def _work_json(summary: RunSummary, *, by_camera: bool = False) -> dict[str, Any]:
+    """`windows_unchanged` and the model's work totals (and per camera), for `--json`."""
+    out: dict[str, Any] = {"windows_unchanged": summary.windows_unchanged, "model_work": dict(summary.work)}
+    if by_camera:
+        out["model_work_by_camera"] = {n: _camera_work_json(c) for n, c in summary.cameras.items()}
+    return out
+
+
+def _camera_work_json(cam: Any) -> dict[str, int]:
+    from streamvg.pipeline.runtime import WORK_KEYS
+
+    return {"windows_unchanged": cam.windows_unchanged, **{k: int(getattr(cam, k)) for k in WORK_KEYS}}
 
 
 class _Null:

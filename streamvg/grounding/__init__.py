@@ -65,6 +65,11 @@ class Grounding:
             prompt), `vision` (vision encoder), `generate`, `parse`, `total`.
         parse_ok: `False` when the answer could not be parsed (no boxes, not a plain "no
             match"); counted in `engine.stats.unparseable`, never raised.
+        usage: The model's work for this request, for cost accounting: `images_encoded`
+            (frames the vision encoder ran on for it), `images_cached` (frames served from
+            the visual-token cache), `prefill_tokens` (prompt tokens the language model
+            computed; a visual prefix shared by several queries counts once, on the first
+            of them), `generated_tokens`. Empty when the engine does not know (replay).
     """
 
     window_id: str
@@ -75,6 +80,7 @@ class Grounding:
     model: str
     timings: dict[str, float] = field(default_factory=dict)
     parse_ok: bool = True
+    usage: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,6 +98,11 @@ class EngineStats:
         cache_hits: Frames whose visual tokens came from the cache.
         prepare_s, vision_s, generate_s, parse_s: Seconds spent in each step; `prepare_s`
             includes `preprocess_s`, the image processor's share (resize, normalise, patchify).
+        prefill_tokens: Prompt tokens the language model computed (padding excluded; a
+            shared visual prefix counts once per window, see `grounding.prefix`).
+        generated_tokens: Tokens generated, up to and including the end token.
+        shared_prefix_requests: Requests answered on a copy of another request's prefix
+            KV cache instead of prefilling their own.
     """
 
     windows: int = 0
@@ -107,6 +118,9 @@ class EngineStats:
     generate_s: float = 0.0
     parse_s: float = 0.0
     preprocess_s: float = 0.0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    shared_prefix_requests: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """Plain numbers for JSON."""

@@ -39,6 +39,7 @@ from streamvg.errors import ConfigError, GroundingCancelled, GroundingError, Mod
 from streamvg.grounding import EngineStats, Grounding
 from streamvg.grounding.answers import Convention, parse_answer_full
 from streamvg.grounding.cache import CacheEntry, VisualTokenCache, content_key, frame_key
+from streamvg.grounding.prefix import SharedGeneration, generate_shared, request_usage
 from streamvg.grounding.prompts import IMAGE_PAD, build_messages, render_chat
 from streamvg.grounding.vision import HFVisionEncoder, VisionEncoder, split_tokens
 from streamvg.types import Frame, Query, QueryMode, Window
@@ -119,6 +120,8 @@ class GemVGEngine:
         vision_encoder: A `VisionEncoder` replacing the model's own tower (TensorRT).
         generation_kwargs: Extra `generate()` arguments (e.g. `prefix_allowed_tokens_fn`).
         add_vision_id: Label images "Picture k:" in the prompt (helps multi-image answers).
+        share_prefix: Prefill a window's visual prefix once for all the queries a batch asks
+            of it (`streamvg.grounding.prefix`); same answers, a fraction of the prefill.
 
     Raises:
         ModelLoadError: the directory or hub id cannot be loaded (one sentence).
@@ -144,6 +147,7 @@ class GemVGEngine:
         vision_encoder: VisionEncoder | None = None,
         generation_kwargs: dict[str, Any] | None = None,
         add_vision_id: bool = True,
+        share_prefix: bool = True,
     ) -> None:
         if isinstance(model, EngineConfig):
             cfg = model
@@ -165,6 +169,7 @@ class GemVGEngine:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.add_vision_id = add_vision_id
+        self.share_prefix = share_prefix
         self.generation_kwargs = dict(generation_kwargs or {})
         self.stats = EngineStats()
         self.cache = VisualTokenCache(cache_bytes)
@@ -345,6 +350,7 @@ class GemVGEngine:
             return []
         t_start = time.perf_counter()
         all_frames = [f for w, _ in requests for f in w.frames]
+        cached_before: set[Hashable] = {k for k in map(self._key, all_frames) if k in self.cache}  # for Grounding.usage
         entries, prep_vis, vision_s = self.visual_tokens(all_frames)
         t_prompt = time.perf_counter()
         rows: list[list[int]] = []
@@ -387,7 +393,10 @@ class GemVGEngine:
             kwargs["stopping_criteria"] = with_stop_event(kwargs.get("stopping_criteria"), stop_event)
         try:
             with torch.inference_mode():
-                out = self.model.generate(**inputs, **kwargs)
+                shared: SharedGeneration | None = (
+                    generate_shared(self, inputs, kwargs, rows, per_request) if self.share_prefix else None
+                )
+                out = shared.sequences if shared is not None else self.model.generate(**inputs, **kwargs)
         except torch.cuda.OutOfMemoryError as exc:
             raise GroundingError(
                 f"{self.name} ran out of GPU memory on a batch of {len(requests)} windows; lower engine.batch_size or engine.max_pixels"
@@ -398,6 +407,10 @@ class GemVGEngine:
 
         t_parse = time.perf_counter()
         new = out[:, width:].tolist()
+        usage = request_usage(self, [[self._key(f) for f in w.frames] for w, _ in requests], cached_before, rows, new, shared)
+        self.stats.prefill_tokens += sum(u["prefill_tokens"] for u in usage)
+        self.stats.generated_tokens += sum(u["generated_tokens"] for u in usage)
+        self.stats.shared_prefix_requests += shared.shared_rows if shared is not None else 0
         results: list[Grounding] = []
         parsed_all = []
         for (window, query), mine, gen_ids in zip(requests, per_request, new, strict=True):
@@ -414,7 +427,7 @@ class GemVGEngine:
         parse_s = time.perf_counter() - t_parse
         total = time.perf_counter() - t_start
         timings = {"prepare": prepare_s, "vision": vision_s, "generate": generate_s, "parse": parse_s, "total": total}
-        for window, query, text, parsed in parsed_all:
+        for (window, query, text, parsed), use in zip(parsed_all, usage, strict=True):
             if parsed is None or not parsed.ok:
                 self.stats.unparseable += 1
                 log.info("unparseable answer for window %s, query %s: %.200r", window.id, query.id, text)
@@ -434,6 +447,7 @@ class GemVGEngine:
                     model=self.name,
                     timings=dict(timings),
                     parse_ok=parsed is not None and parsed.ok,
+                    usage=use,
                 )
             )
         self.stats.windows += len(requests)

@@ -2,7 +2,9 @@
 
 vLLM, SGLang and TensorRT-LLM's `trtllm-serve` all serve Qwen2-VL / Qwen2.5-VL behind
 `POST {base_url}/chat/completions`. This engine sends each window as one user message,
-the frames as base64 JPEG `image_url` parts in order, followed by the same question text
+the frames as base64 JPEG `image_url` parts in order (first, and byte-identical for every
+query of the window: one JPEG per frame, cached, so the server's automatic prefix cache
+serves the images' tokens to every query after the first), followed by the same question text
 the transformers engine uses (`streamvg.grounding.prompts`), and reads the answer with the
 same parser (`streamvg.grounding.answers.parse_answer`), so both engines give the same boxes
 for the same model answer.
@@ -612,7 +614,24 @@ class OpenAIEngine:
             model=self.model,
             timings={"prepare": t1 - t0, "vision": 0.0, "generate": t2 - t1, "parse": t3 - t2, "total": t3 - t0},
             parse_ok=parsed.ok,
+            usage=_server_usage(answer),
         )
+
+
+def _server_usage(answer: dict[str, Any]) -> dict[str, int]:
+    """`Grounding.usage` from the completion's `usage`: prefill = prompt tokens the server did
+    not find in its prefix cache (`prompt_tokens_details.cached_tokens`, which vLLM reports
+    with `--enable-prompt-tokens-details` and SGLang by default), generated = completion tokens."""
+    usage = answer.get("usage")
+    if not isinstance(usage, dict):
+        return {}
+    try:
+        prompt = int(usage.get("prompt_tokens") or 0)
+        details = usage.get("prompt_tokens_details")
+        cached = int((details or {}).get("cached_tokens") or 0) if isinstance(details, dict) else 0
+        return {"prefill_tokens": max(0, prompt - cached), "generated_tokens": int(usage.get("completion_tokens") or 0)}
+    except (TypeError, ValueError):
+        return {}
 
 
 def _answer_text(answer: dict[str, Any], url: str) -> tuple[str, str | None]:

@@ -38,6 +38,20 @@ class PipelineMetrics:
         self.windows_failed = Counter(
             "streamvg_windows_failed", "Windows skipped because grounding raised", ["camera"], registry=self.registry
         )
+        self.windows_unchanged = Counter(
+            "streamvg_windows_unchanged", "Windows not sent to the engine because nothing changed (change gating)",
+            ["camera"], registry=self.registry,
+        )
+        # The model's work per camera, from the engines' per-request usage (Grounding.usage).
+        self.work = {
+            key: Counter(f"streamvg_{key}", help_text, ["camera"], registry=self.registry)
+            for key, help_text in (
+                ("images_encoded", "Frames the vision encoder encoded"),
+                ("images_cached", "Frames whose visual tokens came from the cache"),
+                ("prefill_tokens", "Prompt tokens the language model prefilled (a shared visual prefix counts once)"),
+                ("generated_tokens", "Tokens the language model generated"),
+            )
+        }
         self.engine_latency = Histogram("streamvg_engine_latency_seconds", "Engine batch latency", registry=self.registry)
         self.events = Counter("streamvg_events_published", "Events published", ["kind"], registry=self.registry)
         self.camera_up = Gauge("streamvg_camera_up", "1 when the camera is streaming", ["camera"], registry=self.registry)

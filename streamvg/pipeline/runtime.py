@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from streamvg.config import PipelineConfig, QueryConfig
 from streamvg.errors import GroundingCancelled, StreamVGError
 from streamvg.events import Event
+from streamvg.gating import ChangeGate
 from streamvg.grounding import Grounding, GroundingEngine, create_engine
 from streamvg.pipeline.control import ControlFollower, query_from_config
 from streamvg.pipeline.engine_stage import GroundingFailures, ground_in_chunks
@@ -45,7 +46,10 @@ from streamvg.sources import SourceStatus, is_live, open_source
 from streamvg.types import Frame, Query, Window
 from streamvg.windows import MultiCameraWindows, windows
 
-__all__ = ["CameraState", "Pipeline", "RunSummary", "Sink", "default_sinks", "unfinished_engine_threads"]
+__all__ = ["WORK_KEYS", "CameraState", "Pipeline", "RunSummary", "Sink", "default_sinks", "unfinished_engine_threads"]
+
+# What an engine reports per request in `Grounding.usage`, summed per camera and in total.
+WORK_KEYS = ("images_encoded", "images_cached", "prefill_tokens", "generated_tokens")
 
 log = logging.getLogger("streamvg.pipeline")
 
@@ -78,6 +82,13 @@ class CameraState:
     answers: int = 0  # (window, query) answers handled
     unparseable_answers: int = 0
     last_error: str = ""  # the last grounding error of this camera's windows (masked)
+    # Model work (change gating, issue 18): windows not sent because nothing changed, and
+    # what the engine did for this camera's windows (`Grounding.usage`).
+    windows_unchanged: int = 0
+    images_encoded: int = 0
+    images_cached: int = 0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
 
 
 @dataclass
@@ -104,6 +115,8 @@ class RunSummary:
     events_dropped: int = 0
     dropped_by_reason: dict[str, int] = field(default_factory=dict)
     global_tracks: list[GlobalTrack] | None = None  # cross-camera identities (identity on), else None
+    windows_unchanged: int = 0  # windows not sent to the engine because nothing changed
+    work: dict[str, int] = field(default_factory=dict)  # WORK_KEYS totals: images encoded/cached, tokens
 
 
 
@@ -178,6 +191,9 @@ class Pipeline:
         self._multi: MultiCameraWindows | None = None
         self._multi_lock = threading.Condition()
         self.windows_grounded = 0
+        self.windows_unchanged = 0
+        self.work: dict[str, int] = dict.fromkeys(WORK_KEYS, 0)
+        self._gate: ChangeGate | None = ChangeGate(config.gating) if config.gating.active(config.engine.kind) else None
         self.events_published = 0
         self.unparseable_answers = 0
         self.answers = 0
@@ -214,6 +230,8 @@ class Pipeline:
             existed = self._queries.pop(query_id, None) is not None
         if existed:
             log.info("query %s removed", query_id)
+            if self._gate is not None:
+                self._gate.forget_query(query_id)
             self.processor.finish_query(query_id)
         return existed
 
@@ -317,6 +335,8 @@ class Pipeline:
             unparseable_answers=self.unparseable_answers,
             answers=self.answers,
             windows_failed=self.failures.total,
+            windows_unchanged=self.windows_unchanged,
+            work=dict(self.work),
             error=mask_text(str(self._engine_error)) if self._engine_error is not None
             and not isinstance(self._engine_error, KeyboardInterrupt) else None,
             **self.delivery(),
@@ -510,26 +530,8 @@ class Pipeline:
                 if not queries:
                     continue
                 assert self._engine is not None
-                requests = [(w, q) for w in batch for q in queries]
-                log.debug("grounding %d request(s) of %d window(s)", len(requests), len(batch))
-                failed: set[int] = set()  # ids of windows whose grounding failed
-                answered: set[int] = set()  # ids of windows with at least one answer handled
-                try:
-                    for chunk, groundings, elapsed in ground_in_chunks(
-                        self._engine, requests, batch_size, self.failures, functools.partial(self._count_failed, failed)
-                    ):
-                        if self.metrics:
-                            self.metrics.engine_latency.observe(elapsed)
-                        for (w, q), g in zip(chunk, groundings, strict=True):
-                            self._handle(w, q, g, elapsed * 1000.0 / len(chunk))
-                            answered.add(id(w))
-                except GroundingCancelled:  # stop() cut a generate short: count what was answered, then end
-                    log.debug("grounding stopped between tokens: the run is stopping")
-                    self._count_grounded([w for w in batch if id(w) in answered and id(w) not in failed])
-                    break
-                if self.identity is not None:
-                    self.identity.ask(self._engine, batch_size)  # correspondence requests of this batch
-                self._count_grounded([w for w in batch if id(w) not in failed])
+                if self._ground_batch(batch, queries, batch_size):
+                    break  # stop() cut a generate short: what was answered is counted, then end
             self.processor.finish_all()
         except BaseException as exc:
             self._engine_error = exc
@@ -538,6 +540,79 @@ class Pipeline:
         finally:
             self._done.set()
             self._notify()
+
+    def _ground_batch(self, batch: list[Window], queries: list[Query], batch_size: int) -> bool:
+        """Gate, ground and hand on one batch of windows, in window order; True when
+        `stop()` cut a `generate` short (the run then ends).
+
+        The change gate (`streamvg.gating`) keeps unchanged windows from the engine; their
+        frames are carried over (trackers hold, the last answer repeats). Results are handed
+        to the trackers in the windows' order, so a camera's carried-over frames and
+        grounded frames reach its trackers in time order."""
+        qids = [q.id for q in queries]
+        gate = self._gate
+        send = [w for w in batch if gate is None or gate.check(w, qids).ground]
+        sent = {id(w) for w in send}
+        requests = [(w, q) for w in send for q in queries]
+        log.debug("grounding %d request(s) of %d window(s)", len(requests), len(send))
+        failed: set[int] = set()  # ids of windows whose grounding failed
+        answers: dict[int, list[tuple[Query, Grounding, float]]] = {}
+        cancelled = False
+        try:
+            for chunk, groundings, elapsed in ground_in_chunks(
+                self._engine, requests, batch_size, self.failures, functools.partial(self._count_failed, failed)  # type: ignore[arg-type]
+            ):
+                if self.metrics:
+                    self.metrics.engine_latency.observe(elapsed)
+                for (w, q), g in zip(chunk, groundings, strict=True):
+                    answers.setdefault(id(w), []).append((q, g, elapsed * 1000.0 / len(chunk)))
+        except GroundingCancelled:  # the cut answer is dropped: neither grounded nor failed
+            log.debug("grounding stopped between tokens: the run is stopping")
+            cancelled = True
+        for w in batch:
+            if id(w) not in sent:
+                for q in queries:
+                    self.processor.carry_over(w, q)
+                continue
+            for q, g, latency_ms in answers.get(id(w), ()):
+                self._handle(w, q, g, latency_ms)
+                self._count_work(w, g)
+            if id(w) in failed and gate is not None:
+                for cam in set(w.cameras):
+                    gate.forget(cam)  # its answer is missing: look again at the next window
+        if self.identity is not None and not cancelled:
+            self.identity.ask(self._engine, batch_size)  # type: ignore[arg-type]  # correspondence requests of this batch
+        self._count_unchanged([w for w in batch if id(w) not in sent])
+        done = [w for w in send if id(w) not in failed and (not cancelled or id(w) in answers)]
+        self._count_grounded(done)
+        return cancelled
+
+    def _count_unchanged(self, windows: list[Window]) -> None:
+        for w in windows:
+            name = w.frames[0].camera
+            cam = self.cameras.get(name)
+            if cam is not None:
+                cam.windows_unchanged += 1
+            self.windows_unchanged += 1
+            if self.metrics:
+                self.metrics.windows_unchanged.labels(name).inc()
+
+    def _count_work(self, window: Window, g: Grounding) -> None:
+        """Add the engine's work for one request (`Grounding.usage`) to its camera and the total."""
+        usage = getattr(g, "usage", None)
+        if not usage:
+            return
+        name = window.frames[0].camera
+        cam = self.cameras.get(name)
+        for key in WORK_KEYS:
+            n = int(usage.get(key, 0))
+            if not n:
+                continue
+            self.work[key] += n
+            if cam is not None:
+                setattr(cam, key, getattr(cam, key) + n)
+            if self.metrics:
+                self.metrics.work[key].labels(name).inc(n)
 
     def _count_failed(self, failed: set[int], window: Window) -> None:
         failed.add(id(window))

@@ -110,6 +110,7 @@ class TrackingStage:
         self._last_frame: dict[tuple[str, str], _FrameInfo] = {}
         self._queries: dict[tuple[str, str], Query] = {}
         self._segments: dict[tuple[str, str, int], Segment] = {}
+        self._last_answer: dict[tuple[str, str], tuple[Detections, str]] = {}  # boxes, model: what a carry-over repeats
         self._lock = threading.RLock()
 
     def process(self, window: Window, query: Query, g: Grounding, latency_ms: float | None) -> dict[int, Detections]:
@@ -134,6 +135,7 @@ class TrackingStage:
                     # non-decreasing, across live reconnects too, so nothing is skipped.
                     continue
                 frame_dets = dets[dets.image_index == k] if len(dets) else dets
+                self._last_answer[key] = (frame_dets, g.model)
                 self._publish(Event.grounding(
                     pipeline=self.pipeline, camera=frame.camera, query_id=query.id, query=query.text, t=frame.pts,
                     frame_index=frame.index, frame_size=frame.size, detections=frame_dets, model=g.model,
@@ -157,6 +159,42 @@ class TrackingStage:
                     self._update_segments(frame, query, tracked, tracker)
         return fed
 
+    def carry_over(self, window: Window, query: Query) -> None:
+        """The change gate kept `window` from the engine: nothing changed since the last
+        grounded frame. Each new frame gets a `grounding` event repeating the last answer
+        (`carried_over: true`), the tracker holds its tracks at the frame's time (alive,
+        same boxes; nothing is lost because nothing was asked) and search segments go on
+        through the still stretch."""
+        order = sorted(range(len(window.frames)), key=lambda k: window.frames[k].pts)
+        with self._lock:
+            for k in order:
+                frame = window.frames[k]
+                key = (frame.camera, query.id)
+                last = self._last_fed.get(key)
+                if last is not None and frame.pts <= last:
+                    continue
+                answer, model = self._last_answer.get(key, (Detections.empty(), self._model_name()))
+                boxes = Detections(answer.xyxy, answer.score, np.full(len(answer), k, np.int64), answer.track_id)
+                self._publish(Event.grounding(
+                    pipeline=self.pipeline, camera=frame.camera, query_id=query.id, query=query.text, t=frame.pts,
+                    frame_index=frame.index, frame_size=frame.size, detections=boxes, model=model,
+                    wall_time=frame.wall_time, carried_over=True,
+                ))
+                tracker = self._trackers.get(key)
+                if tracker is None:
+                    fps = self.config.sampling.fps
+                    tracker = self._trackers[key] = Tracker(self.config.tracker, interval_s=1.0 / fps if fps else None)
+                self._queries[key] = query
+                held = tracker.hold(frame.pts)
+                self._last_fed[key] = frame.pts
+                self._last_frame[key] = _FrameInfo(frame.camera, frame.index, frame.pts, frame.size, frame.wall_time)
+                self._publish_track_events(tracker, self._last_frame[key], query, model, k)  # tracks that ended
+                if self.collect_segments:
+                    for tid in held.track_id.tolist():
+                        seg = self._segments.get((frame.camera, query.id, int(tid)))
+                        if seg is not None:
+                            seg.end_s = max(seg.end_s, frame.pts)
+
     def _publish_track_events(
         self, tracker: Tracker, frame: _FrameInfo, query: Query, model: str, image_index: int
     ) -> None:
@@ -177,6 +215,7 @@ class TrackingStage:
             frame = self._last_frame.pop(key, None)
             t = self._last_fed.pop(key, None)
             query = self._queries.pop(key, None)
+            self._last_answer.pop(key, None)
             if tracker is None or t is None:
                 return
             tracker.finish(t)
@@ -282,6 +321,7 @@ class TrackingStage:
                 self._last_fed.pop(key, None)
                 self._last_frame.pop(key, None)
                 self._queries.pop(key, None)
+                self._last_answer.pop(key, None)
 
     def segments(self) -> list[Segment]:
         with self._lock:

@@ -280,10 +280,38 @@ def _handler(state: OpenAIStubState) -> type[BaseHTTPRequestHandler]:
                 "created": int(time.time()),
                 "model": state.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+                "usage": _usage(state, body, answer),
             })
 
     return Handler
+
+
+def _usage(state: OpenAIStubState, body: dict[str, Any], answer: str) -> dict[str, Any]:
+    """Token counts as a prefix-caching server reports them, one "token" per 4 bytes of the
+    request's messages JSON: `cached_tokens` is the longest byte prefix shared with an
+    earlier request (what vLLM / SGLang automatic prefix caching would reuse)."""
+    text = json.dumps(body.get("messages", []), separators=(",", ":"))
+    with state.lock:
+        seen: list[str] = state.__dict__.setdefault("_prompts", [])
+        common = max((_shared_prefix(text, old) for old in seen), default=0)
+        seen.append(text)
+        del seen[:-32]
+    prompt, completion = len(text) // 4, max(1, len(answer) // 4)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": common // 4}}
+
+
+def _shared_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix of `a` and `b` (characters)."""
+    n = min(len(a), len(b))
+    lo, hi = 0, n  # binary search on prefix equality: O(n log n) slicing, fine for a stub
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class _QuietServer(ThreadingHTTPServer):

@@ -18,7 +18,8 @@ Lifecycle, each transition an event (`pop_events`): tentative → confirmed (`st
 matched again (`updated`) / missed (`lost`, once) → found again (`updated`) or gone for more
 than `max_lost_s` (`ended`, checked before each update associates, so no box after a longer
 gap takes an old id, however far the filter's gate has grown). Tentative tracks that miss two updates in a row vanish without
-events.
+events. `hold(t)` tells the tracker the scene was unchanged at `t` (nothing was asked of the
+model, so nothing counts as unseen).
 
 Track state is columnar (one numpy row per track), and `track_id` is written through index
 arrays, so the work per update is a handful of numpy calls plus one assignment per stage.
@@ -390,6 +391,39 @@ class Tracker:
         for k in sorted(range(len(times)), key=lambda k: times[k]):
             parts.append(self.update(dets[dets.image_index == k], times[k]))
         return Detections.concat(parts)
+
+    def hold(self, t: float) -> Detections:
+        """The scene did not change up to media time `t` (the gating stage skipped the frame).
+
+        Nothing was asked of the model, so nothing can be "lost": every track that was
+        matched at the last update (or held since) counts as seen at `t`, keeps its box and
+        stops moving (its velocity is set to zero; the Kalman filter is not advanced, so
+        its uncertainty does not grow over a still stretch). Tracks already lost before the
+        still stretch keep counting and end once unseen for more than `max_lost_s`, as in
+        `update`. Tentative tracks neither gain nor lose a hit. No lifecycle events are
+        produced for held tracks.
+
+        Args:
+            t: Media seconds of the unchanged frame; never less than the last update's.
+
+        Returns:
+            The held confirmed tracks: their last matched box and score, `image_index` 0,
+            `track_id` set, in track order (what the carried-over answer shows).
+
+        Raises:
+            TrackingError: `t` is not finite or goes back.
+        """
+        t = self._check_time(t)
+        self._end(self._lost & (t - self._last_t > self.config.max_lost_s))
+        self._t = t
+        seen = ~self._lost
+        self._last_t[seen] = t
+        self._mean[seen, 4:] = 0.0  # a still scene: nothing moves
+        rows = (seen & (self._id >= 0)).nonzero()[0]
+        return Detections(
+            self._box[rows].astype(np.float32), self._score[rows].astype(np.float32),
+            np.zeros(len(rows), np.int64), self._id[rows].copy(),
+        )
 
     def finish(self, t: float) -> None:
         """End every track now (end of the video): confirmed ones emit `ended`; ids keep counting."""
