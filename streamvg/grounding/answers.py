@@ -309,9 +309,7 @@ def _assign_images(text: str, boxes: list[_Box], mentions: list[_Mention]) -> li
         if b.image is not None:
             continue
         before = bisect.bisect_left(where, b.pos) - 1
-        if before_style:
-            j = before
-        elif before >= 0 and labels(before):
+        if before_style or (before >= 0 and labels(before)):
             j = before
         else:
             j = bisect.bisect_left(where, b.end)
