@@ -65,6 +65,11 @@ class Grounding:
             prompt), `vision` (vision encoder), `generate`, `parse`, `total`.
         parse_ok: `False` when the answer could not be parsed (no boxes, not a plain "no
             match"); counted in `engine.stats.unparseable`, never raised.
+        ambiguous: Boxes of the answer left out because it does not say which frame of the
+            window they are in (see `streamvg.grounding.answers`).
+        error: `None`, or one sentence saying why this window was not grounded (a frame the
+            image processor refuses, out of memory); the window has no boxes and counts in
+            `engine.stats.failed_windows`. The other windows of the batch are unaffected.
     """
 
     window_id: str
@@ -75,6 +80,8 @@ class Grounding:
     model: str
     timings: dict[str, float] = field(default_factory=dict)
     parse_ok: bool = True
+    ambiguous: int = 0
+    error: str | None = None
 
 
 @dataclass
@@ -87,6 +94,8 @@ class EngineStats:
         unparseable: Answers that could not be parsed (`Grounding.parse_ok` false).
         boxes: Boxes returned.
         dropped_boxes: Boxes read but dropped (degenerate, or naming an image not in the window).
+        ambiguous_boxes: Boxes left out because the answer did not name their frame.
+        failed_windows: Windows not grounded (`Grounding.error` set: a refused frame, out of memory).
         vision_calls: Vision-encoder invocations.
         vision_images: Images (frames) the vision encoder encoded.
         cache_hits: Frames whose visual tokens came from the cache.
@@ -99,6 +108,8 @@ class EngineStats:
     unparseable: int = 0
     boxes: int = 0
     dropped_boxes: int = 0
+    ambiguous_boxes: int = 0
+    failed_windows: int = 0
     vision_calls: int = 0
     vision_images: int = 0
     cache_hits: int = 0

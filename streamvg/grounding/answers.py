@@ -253,8 +253,8 @@ def _find_mentions(text: str, objects: list[tuple[int, int]], n_images: int) -> 
         taken.append(m.span())
     for m in _GROUP_RE.finditer(text):
         if free(*m.span()):
-            nums = [int(m.group(1)), *(int(x) for x in re.findall(r"\d+", m.group(2) or "")), int(m.group(3))]
-            found.append(_Mention(m.start(), m.end(), tuple(nums)))
+            group = [int(m.group(1)), *(int(x) for x in re.findall(r"\d+", m.group(2) or "")), int(m.group(3))]
+            found.append(_Mention(m.start(), m.end(), tuple(group)))
             taken.append(m.span())
     for m in _PROSE_RE.finditer(text):
         if free(*m.span()):
@@ -267,12 +267,12 @@ def _find_mentions(text: str, objects: list[tuple[int, int]], n_images: int) -> 
             taken.append(m.span())
     found.sort(key=lambda x: x.pos)
     merged: list[_Mention] = []
-    for m in found:
+    for mention in found:
         prev = merged[-1] if merged else None
-        if prev is not None and prev.ordinal == m.ordinal and _JOIN_RE.fullmatch(text[prev.end : m.pos]):
-            merged[-1] = _Mention(prev.pos, m.end, prev.numbers + m.numbers, prev.ordinal)
+        if prev is not None and prev.ordinal == mention.ordinal and _JOIN_RE.fullmatch(text[prev.end : mention.pos]):
+            merged[-1] = _Mention(prev.pos, mention.end, prev.numbers + mention.numbers, prev.ordinal)
         else:
-            merged.append(m)
+            merged.append(mention)
     return merged
 
 
