@@ -16,10 +16,13 @@ takes those tensors *as inputs*, computed on the host from `grid_thw` by `host_i
 | `window_segments`| (N,)         | window id of each patch (windowed layers)                 |
 
 and returns `vision_tokens` (N/m², out_hidden): the merged visual tokens, the same tensor
-as `model.visual(pixel_values, grid_thw).pooler_output`. Attention is dense with a
-block-diagonal mask built in the graph from the segment ids (`Equal` + `Where`), so the graph
-has one dynamic axis (N, the patch count) and no control flow. Dense masked attention costs
-N² per call; callers encode a handful of frames per call, so N stays in the low thousands.
+as `model.visual(pixel_values, grid_thw).pooler_output`. The default graph (`windowed`) also
+takes `window_gather/bias/scatter` and `image_gather/bias/scatter` (see `HostInputs`): each
+windowed layer attends within the windows gathered into a batch dimension (W × L² scores,
+L = the window's patch count), each full-attention layer within each image gathered the
+same way, so memory grows with the window and the image, not with N² over all frames of a
+call. The `dense` graph (one N×N block-diagonal mask from the segment ids, `Equal` +
+`Where`) is kept as the benchmark's baseline. Neither has control flow.
 
 `TensorRTVisionEncoder` and `OnnxRuntimeVisionEncoder` (streamvg.grounding.trt) run
 `host_inputs()` and feed the graph, so the host code tested on CPU is the one used on GPU.
