@@ -215,7 +215,7 @@ def time_shared_prefix(model: Any, frames: int, size: int, new_tokens: int, *, q
     }
 
 
-def export_tower(model: Any, out_dir: Path, *, max_pixels: int, max_images: int, precision: str) -> Path:
+def export_tower(model: Any, out_dir: Path, *, max_pixels: int, max_images: int, precision: str, attention: str = "windowed") -> Path:
     """Save the vision tower (config + weights) and export it with `streamvg engine export`'s code."""
     from safetensors.torch import save_file
 
@@ -227,7 +227,7 @@ def export_tower(model: Any, out_dir: Path, *, max_pixels: int, max_images: int,
     state = {f"model.visual.{k}": v.detach().to("cpu").contiguous() for k, v in model.model.visual.state_dict().items()}
     save_file(state, str(model_dir / "model.safetensors"))
     engine_dir = out_dir / "engine"
-    export_vision_onnx(model_dir, engine_dir, max_pixels=max_pixels, max_images=max_images, precision=precision)
+    export_vision_onnx(model_dir, engine_dir, max_pixels=max_pixels, max_images=max_images, precision=precision, attention=attention)
     return engine_dir
 
 
@@ -244,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="Skip the static-cache + torch.compile path.")
     ap.add_argument("--trt", action="store_true", help="Also export + build the TensorRT vision encoder (minutes).")
     ap.add_argument("--trt-precision", default="bf16", choices=["fp16", "bf16", "fp32"])
+    ap.add_argument("--vision-attention", default="windowed", choices=["windowed", "dense"],
+                    help="Attention of the exported vision graph (dense: the old N x N graph, for comparison).")
+    ap.add_argument("--attn", default="sdpa,flash_attention_2,eager",
+                    help="Attention kernels timed on the eager path (flash_attention_2 only where flash-attn is installed).")
     ap.add_argument("--work-dir", default=None, help="Where engines are written (default: a temp dir).")
     ap.add_argument("--time-budget-s", type=float, default=450.0, help="Skip cases that start after this many seconds.")
     args = ap.parse_args(argv)
@@ -283,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def record(path: str, batch: int, latency: float, vision: float) -> None:
         report["results"].append({
-            "path": path, "batch": batch, "compiled": path != "hf_eager_bf16" and device.type == "cuda" and not args.no_compile,
+            "path": path, "batch": batch,
+            "compiled": not path.startswith("hf_eager_bf16") and device.type == "cuda" and not args.no_compile,
             "latency_s": round(latency, 4),
             "windows_per_s": round(batch / latency, 3), "vision_s": round(vision, 4),
         })
@@ -317,6 +322,35 @@ def main(argv: list[str] | None = None) -> int:
             )
         except Exception as exc:
             report["errors"]["shared_prefix_q4"] = f"{type(exc).__name__}: {exc}"[:500]
+    # Other attention kernels on the eager path (Qwen2.5-VL's windowed vision attention is one
+    # varlen call with flash_attention_2, a Python loop over windows with sdpa/eager).
+    import importlib.util
+
+    for kernel in [k for k in args.attn.split(",") if k and k != "sdpa"]:
+        name = f"hf_eager_bf16[{kernel}]"
+        if kernel == "flash_attention_2" and (importlib.util.find_spec("flash_attn") is None or device.type != "cuda"):
+            report["skipped"][name] = "flash-attn not installed" if device.type == "cuda" else "no GPU"
+            continue
+        try:
+            model.set_attn_implementation(kernel)
+        except Exception as exc:
+            report["errors"][name] = f"{type(exc).__name__}: {exc}"[:500]
+            continue
+        try:
+            for batch in batches:
+                if over_budget():
+                    report["skipped"][f"{name}@{batch}"] = "time budget"
+                    continue
+                try:
+                    inputs = make_inputs(model, batch, args.frames, args.size, device)
+                    vision = time_vision(model.model.visual, inputs, repeats=args.repeats, device=device)
+                    latency = time_generate(model, inputs, args.new_tokens, static=False, repeats=args.repeats, device=device)
+                except Exception as exc:
+                    report["errors"][f"{name}@{batch}"] = f"{type(exc).__name__}: {exc}"[:500]
+                    continue
+                record(name, batch, latency, vision)
+        finally:
+            model.set_attn_implementation("sdpa")
 
     # The exported vision encoder in place of the model's tower: TensorRT on GPU, ONNX Runtime in the dry run.
     encoder_path = None
@@ -344,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(args.work_dir or tmp)
             t0 = time.perf_counter()
-            engine_dir = export_tower(model, work, max_pixels=args.size * args.size, max_images=args.frames, precision=args.trt_precision)
+            engine_dir = export_tower(model, work, max_pixels=args.size * args.size, max_images=args.frames, precision=args.trt_precision,
+                                      attention=args.vision_attention)
+            report["vision_attention"] = args.vision_attention
             report["export_s"] = round(time.perf_counter() - t0, 2)
             if encoder_path == "trt_vision":
                 t0 = time.perf_counter()

@@ -177,10 +177,43 @@ class EngineConfig(_Model):
     convention: Literal["auto", "qwen2_vl", "qwen2_5_vl"] = Field(
         default="auto", description="Box convention; 'auto' reads model_type from the model's config.json."
     )
-    min_pixels: int = Field(default=56 * 56, gt=0, description="Smallest model input per image, in pixels.")
-    max_pixels: int = Field(default=448 * 448, gt=0, description="Largest model input per image, in pixels.")
+    min_pixels: int | None = Field(
+        default=None, gt=0,
+        description="Smallest model input per image, in pixels; default: the checkpoint's preprocessor_config.json "
+        "(56*56 for the openai kind).",
+    )
+    max_pixels: int | None = Field(
+        default=None, gt=0,
+        description="Largest model input per image, in pixels; default: the checkpoint's preprocessor_config.json "
+        "(Qwen2.5-VL ships 12845056; 448*448 for the openai kind). Fewer pixels: fewer visual tokens, faster, "
+        "small objects missed.",
+    )
     batch_size: int = Field(default=4, ge=1, description="Windows grounded together in one batch.")
     max_new_tokens: int = Field(default=256, ge=1, description="Answer length cap, in tokens.")
+    add_vision_id: bool | None = Field(
+        default=None,
+        description="Label images 'Picture k:' in the prompt; default: the processor's (off, as in Qwen's and "
+        "Migician's reference inference). On can help multi-image answers name their image (gemvg, gemvg-trt).",
+    )
+    cache_bytes: int = Field(
+        default=512 * 1024 * 1024, ge=0,
+        description="Visual-token cache budget in bytes (0 disables it); frames shared by overlapping windows "
+        "are encoded once (gemvg, gemvg-trt).",
+    )
+    cache_key: Literal["content", "frame"] = Field(
+        default="content",
+        description="'content' hashes the pixels (never another frame's tokens, ~1 ms per MB of frame); 'frame' "
+        "keys by (camera, index, pts, size), free but wrong when a name is reused (a restarted producer).",
+    )
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        default="sdpa",
+        description="Attention kernel: 'sdpa' (PyTorch), 'flash_attention_2' (needs the flash-attn package and "
+        "a GPU; Qwen2.5-VL's windowed vision attention then runs as one varlen call), 'eager'.",
+    )
+    device_map: str | None = Field(
+        default=None,
+        description="transformers device_map ('auto' spreads a model over several GPUs); overrides device.",
+    )
     replay_path: str | None = Field(default=None, description="Groundings JSONL for kind 'replay'.")
     replay_latency_s: float = Field(
         default=0.0, ge=0, description="Simulated model time per batch for kind 'replay', seconds (capacity drills)."
@@ -207,7 +240,7 @@ class EngineConfig(_Model):
 
     @model_validator(mode="after")
     def _check_kind(self) -> EngineConfig:
-        if self.min_pixels > self.max_pixels:
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
         if self.kind == "replay" and not self.replay_path:
             raise ValueError("kind 'replay' needs replay_path (a groundings JSONL file)")

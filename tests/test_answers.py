@@ -223,7 +223,9 @@ def test_parser_never_raises_and_boxes_stay_in_their_frames(text: str, sizes: li
     parsed = parse_answer_full(text, frame_sizes=sizes, input_sizes=inputs, convention=convention)  # type: ignore[arg-type]
     d = parsed.detections
     assert isinstance(d, Detections) and len(parsed.labels) == len(d)
-    assert parsed.found == len(d) + parsed.dropped
+    assert parsed.found == len(d) + parsed.dropped + parsed.ambiguous
+    if len(sizes) == 1:
+        assert parsed.ambiguous == 0
     if len(d):
         assert np.all(np.isfinite(d.xyxy))
         assert np.all((d.image_index >= 0) & (d.image_index < len(sizes)))
@@ -232,3 +234,117 @@ def test_parser_never_raises_and_boxes_stay_in_their_frames(text: str, sizes: li
         assert np.all(d.xyxy[:, 0] >= 0) and np.all(d.xyxy[:, 2] <= w) and np.all(d.xyxy[:, 3] <= h)
         assert np.all(d.xyxy[:, 2] > d.xyxy[:, 0]) and np.all(d.xyxy[:, 3] > d.xyxy[:, 1])
         assert np.all((d.score >= 0) & (d.score <= 1))
+
+
+# --- which image: every naming form, and never a box on an image the answer did not name ---
+
+FOUR = [(1000, 800), (640, 480), (800, 600), (1200, 900)]  # mixed sizes, so a wrong image shows in the pixels
+FOUR_IN = [(1008, 812), (644, 476), (812, 588), (1204, 896)]
+
+
+@pytest.mark.parametrize(
+    ("text", "images"),
+    [
+        ("The bird is in Image-2 at [100, 200, 300, 400].", [1]),  # MIG-Bench's own wording
+        ("Image-3: [100, 200, 300, 400]", [2]),
+        ('{"image_1": [10, 20, 30, 40], "image_2": [50, 60, 70, 80]}', [0, 1]),
+        ('{"image_2": [[10, 20, 30, 40], [50, 60, 70, 80]], "image_4": [1, 2, 30, 40]}', [1, 1, 3]),
+        ("in Image-3 <|box_start|>(100,200),(300,400)<|box_end|>", [2]),
+        ("images 1 and 3: [10, 20, 30, 40] and [50, 60, 70, 80]", [0, 2]),
+        ("Images 1, 2 and 4: [10, 20, 30, 40], [50, 60, 70, 80], [5, 6, 70, 80]", [0, 1, 3]),
+        ("Image-1 and Image-3: [10, 20, 30, 40], [50, 60, 70, 80]", [0, 2]),
+        ("[10, 20, 30, 40] and [50, 60, 70, 80] in images 2 and 4", [1, 3]),
+        ("the first and third images: [10, 20, 30, 40], [50, 60, 70, 80]", [0, 2]),
+        ("It is in the 2th image [10, 20, 30, 40]", [1]),  # MIG-Bench's "1th image" ordinals
+        ("In the fourth picture: (100, 200, 300, 300)", [3]),  # a parenthesised 4-tuple
+        ("Frame 2: (100, 200, 300, 300)", [1]),
+        ("Picture 4: <|object_ref_start|>cup<|object_ref_end|><|box_start|>(1,2),(30,40)<|box_end|>", [3]),
+        ("<image_2> [10, 20, 30, 40]", [1]),
+        ('[{"bbox_2d": [1, 2, 30, 40], "image_id": 2}, {"bbox_2d": [5, 6, 70, 80], "image": "Image-4"}]', [1, 3]),
+        ("<think>It is in the second image.</think><answer>Image 2: [10, 20, 30, 40]</answer>", [1]),
+    ],
+)
+def test_every_way_of_naming_the_image(text: str, images: list[int]) -> None:
+    parsed = parse_answer_full(text, frame_sizes=FOUR, input_sizes=FOUR_IN, convention="qwen2_5_vl", image_base=1)
+    assert parsed.ok and parsed.ambiguous == 0 and parsed.dropped == 0
+    assert parsed.detections.image_index.tolist() == images
+    first = parse_answer_full(text, frame_sizes=FOUR, input_sizes=FOUR_IN, convention="qwen2_5_vl")
+    assert first.detections.image_index.tolist() == images  # inferred numbering agrees (no 0 in these)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[100, 200, 300, 400]",
+        "(100, 200, 300, 300)",
+        "<|box_start|>(100,200),(300,400)<|box_end|>",
+        "The cup appears in images 1 and 3 at [10, 20, 30, 40].",  # two images, one box: which?
+        "[10, 20, 30, 40]. It is not in image 3.",  # the mention is another sentence
+        '```json\n[{"bbox_2d": [10, 20, 30, 40], "label": "cup"}]\n```',
+    ],
+)
+def test_a_box_on_no_named_image_is_ambiguous_not_image_0(text: str) -> None:
+    parsed = parse_answer_full(text, frame_sizes=FOUR, input_sizes=FOUR_IN, convention="qwen2_5_vl")
+    assert len(parsed.detections) == 0 and parsed.ambiguous == parsed.found >= 1 and not parsed.ok
+    one = parse_answer_full(text, frame_sizes=FOUR[:1], input_sizes=FOUR_IN[:1], convention="qwen2_5_vl")
+    assert one.ok and one.ambiguous == 0 and one.detections.image_index.tolist() == [0] * one.found  # one frame: it is that one
+    told = parse_answer_full(text, frame_sizes=FOUR, input_sizes=FOUR_IN, convention="qwen2_5_vl", default_image=2)
+    assert told.ok and told.detections.image_index.tolist() == [2] * told.found  # MIG-Bench: the asked-about image
+
+
+def test_image_base_follows_the_prompt() -> None:
+    text = '[{"bbox_2d": [1, 2, 30, 40], "image": 0}, {"bbox_2d": [5, 6, 70, 80], "image": 3}]'
+    zero = parse_answer_full(text, frame_sizes=FOUR, input_sizes=FOUR_IN, image_base=0)
+    assert zero.detections.image_index.tolist() == [0, 3]
+    one = parse_answer_full(text, frame_sizes=FOUR, input_sizes=FOUR_IN, image_base=1)
+    assert one.detections.image_index.tolist() == [2] and one.dropped == 1  # "image 0" names no frame
+    assert parse_answer_full(text, frame_sizes=FOUR, input_sizes=FOUR_IN).detections.image_index.tolist() == [0, 3]
+    with pytest.raises(ValueError, match="image_base"):
+        parse_answer_full(text, frame_sizes=FOUR, input_sizes=FOUR_IN, image_base=2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="default_image 4"):
+        parse_answer_full(text, frame_sizes=FOUR, input_sizes=FOUR_IN, default_image=4)
+
+
+_NAMINGS = [
+    "Image-{k}: ", "Image {k}: ", "in Image-{k} at ", "image_{k}: ", "Picture {k}: ", "Frame {k}: ",
+    '"image_{k}": ', "<image_{k}> ", "In the {ord} image, ", "the {k}th image: ",
+]
+_ORD_WORDS = ["first", "second", "third", "fourth", "fifth", "sixth"]
+_FILLER = st.sampled_from(["", " ", "\n", ", ", " and ", ". ", " the cup is there ", " json ", " ``` ", " - "])
+
+
+@st.composite
+def _answers(draw: st.DrawFn) -> tuple[str, list[tuple[tuple[int, int, int, int], int | None]], int]:
+    """An answer of several boxes, each named with a random form or not named at all; truth per box."""
+    n = draw(st.integers(2, 6))
+    parts: list[str] = [draw(_FILLER)]
+    truth: list[tuple[tuple[int, int, int, int], int | None]] = []
+    for i in range(draw(st.integers(1, 5))):
+        box = (10 + i, 20 + i, 300 + i, 400 + i)  # distinct, so output rows match their segment
+        form = draw(st.sampled_from([*_NAMINGS, None]))
+        k = draw(st.integers(1, n)) if form else None
+        if form:
+            parts.append(form.format(k=k, ord=_ORD_WORDS[(k or 1) - 1]))
+        box_text = draw(st.sampled_from(["[{}, {}, {}, {}]", "({}, {}, {}, {})", "<|box_start|>({},{}),({},{})<|box_end|>"]))
+        parts.append(box_text.format(*box))
+        parts.append(draw(_FILLER))
+        truth.append((box, None if k is None else k - 1))
+    return "".join(parts), truth, n
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=_answers())
+def test_a_multi_image_answer_never_puts_a_box_on_an_image_it_did_not_name(case: tuple[str, list, int]) -> None:
+    text, truth, n = case
+    parsed = parse_answer_full(text, frame_sizes=[(1000, 1000)] * n, input_sizes=[(1000, 1000)] * n, image_base=1)
+    named = {k for _, k in truth if k is not None}
+    assert parsed.found == len(truth) == len(parsed.detections) + parsed.ambiguous + parsed.dropped
+    assert set(parsed.detections.image_index.tolist()) <= named  # never an image it did not name
+    if not named:
+        assert len(parsed.detections) == 0 and not parsed.ok
+    got = {tuple(round(v) for v in row): int(k) for row, k in zip(parsed.detections.xyxy.tolist(), parsed.detections.image_index.tolist(), strict=True)}
+    for box, k in truth:
+        if k is not None and box in got:
+            assert got[box] == k  # a named box is on its own image, never a neighbour's
+        if k is not None and truth[0][1] is not None:
+            assert box in got  # every box named the same way as the first is placed

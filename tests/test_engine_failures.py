@@ -41,7 +41,7 @@ from streamvg.windows import windows
 MODEL = "Qwen2.5-VL-7B-Instruct"  # the name tells the remote engine the box convention
 
 # One box in the first image of every window (Qwen2.5-VL convention: model-input pixels).
-ANSWERS: dict[str, Any] = {"answers": [], "default": '```json\n[{"bbox_2d": [20, 20, 80, 80], "label": "thing"}]\n```'}
+ANSWERS: dict[str, Any] = {"answers": [], "default": '```json\n[{"bbox_2d": [20, 20, 80, 80], "label": "thing", "image": 1}]\n```'}
 
 
 @pytest.fixture(scope="module")

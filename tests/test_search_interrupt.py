@@ -20,7 +20,7 @@ from streamvg.testing.servers import wait_until
 from streamvg.testing.synthetic import write_scene
 
 MODEL = "Qwen2.5-VL-7B-Instruct"
-ANSWERS: dict[str, Any] = {"answers": [], "default": '[{"bbox_2d": [20, 20, 80, 80], "label": "thing"}]'}
+ANSWERS: dict[str, Any] = {"answers": [], "default": '[{"bbox_2d": [20, 20, 80, 80], "label": "thing", "image": 1}]'}
 
 
 @pytest.mark.parametrize("json_out", [True, False])

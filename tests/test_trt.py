@@ -149,8 +149,10 @@ def test_benchmark_dry_run() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     got = {(r["path"], r["batch"]) for r in report["results"]}
-    assert got == {(p, b) for p in ("hf_eager_bf16", "hf_static_compile", "ort_vision") for b in (1, 8)}
+    paths = ("hf_eager_bf16", "hf_static_compile", "hf_eager_bf16[eager]", "ort_vision")
+    assert got == {(p, b) for p in paths for b in (1, 8)}
     assert all(r["windows_per_s"] > 0 and r["latency_s"] > 0 for r in report["results"])
-    assert set(report["speedup_vs_hf_eager"]) == {"hf_static_compile@1", "hf_static_compile@8", "ort_vision@1", "ort_vision@8"}
-    assert report["errors"] == {} and report["skipped"] == {}
+    assert set(report["speedup_vs_hf_eager"]) == {f"{p}@{b}" for p in paths[1:] for b in (1, 8)}
+    assert report["errors"] == {} and report["skipped"] == {"hf_eager_bf16[flash_attention_2]": "no GPU"}
+    assert report["vision_attention"] == "windowed"
     assert report["new_tokens"] == 4 and report["frames_per_window"] == 4

@@ -175,8 +175,12 @@ def test_build_asks_tensorrt_for_the_right_engine(engine_dir: Path, monkeypatch:
     assert p1["pixel_patches"] == ((4, 1176), (512, 1176), (512, 1176))
     assert p0["rope_cos"] == ((4, 16), (256, 16), (256, 16))
     assert p1["window_index"] == ((1,), (128,), (128,))
-    assert p1["full_segments"] == ((4,), (512,), (512,))
-    assert set(p0) == {"pixel_patches", "rope_cos", "rope_sin", "window_index", "reverse_index", "full_segments", "window_segments"}
+    assert p1["window_scatter"] == ((4,), (512,), (512,)) == p1["image_scatter"]
+    # Windows pad to the model's window (56 px / 14 = 4x4 = 16 patches); images to the largest frame (256 patches).
+    assert p1["window_gather"] == ((1, 16), (32, 16), (128, 16)) and p1["window_bias"] == p1["window_gather"]
+    assert p1["image_gather"] == ((1, 4), (2, 256), (128, 256)) and p0["image_gather"] == ((1, 4), (1, 256), (64, 256))
+    assert set(p0) == {"pixel_patches", "rope_cos", "rope_sin", "window_index", "reverse_index", "window_gather", "window_bias",
+                       "window_scatter", "image_gather", "image_bias", "image_scatter"}
     # Plan, manifest and timing cache are written under names carrying TensorRT version and GPU.
     key = trt_mod.engine_cache_key(cfg, trt_version="10.3.0", gpu_name="NVIDIA H100 80GB HBM3")
     assert plan == engine_dir / f"vision-{key}.plan" and plan.read_bytes().startswith(b"PLAN:")

@@ -70,6 +70,11 @@ class Grounding:
             the visual-token cache), `prefill_tokens` (prompt tokens the language model
             computed; a visual prefix shared by several queries counts once, on the first
             of them), `generated_tokens`. Empty when the engine does not know (replay).
+        ambiguous: Boxes of the answer left out because it does not say which frame of the
+            window they are in (see `streamvg.grounding.answers`).
+        error: `None`, or one sentence saying why this window was not grounded (a frame the
+            image processor refuses, out of memory); the window has no boxes and counts in
+            `engine.stats.failed_windows`. The other windows of the batch are unaffected.
     """
 
     window_id: str
@@ -81,6 +86,8 @@ class Grounding:
     timings: dict[str, float] = field(default_factory=dict)
     parse_ok: bool = True
     usage: dict[str, int] = field(default_factory=dict)
+    ambiguous: int = 0
+    error: str | None = None
 
 
 @dataclass
@@ -93,6 +100,8 @@ class EngineStats:
         unparseable: Answers that could not be parsed (`Grounding.parse_ok` false).
         boxes: Boxes returned.
         dropped_boxes: Boxes read but dropped (degenerate, or naming an image not in the window).
+        ambiguous_boxes: Boxes left out because the answer did not name their frame.
+        failed_windows: Windows not grounded (`Grounding.error` set: a refused frame, out of memory).
         vision_calls: Vision-encoder invocations.
         vision_images: Images (frames) the vision encoder encoded.
         cache_hits: Frames whose visual tokens came from the cache.
@@ -110,6 +119,8 @@ class EngineStats:
     unparseable: int = 0
     boxes: int = 0
     dropped_boxes: int = 0
+    ambiguous_boxes: int = 0
+    failed_windows: int = 0
     vision_calls: int = 0
     vision_images: int = 0
     cache_hits: int = 0

@@ -6,8 +6,20 @@ are the same in every window; the engine looks them up here before running the v
 encoder and encodes only the misses. The cache is an LRU bounded by bytes (tensor storage),
 so memory stays fixed on an endless camera.
 
-Keys are chosen by the engine: `(camera, frame index, pts, width, height)` by default (cheap,
-exact within one engine, whose resize settings are fixed), or a content hash of the pixels.
+Keys are chosen by the engine (`engine.cache_key`):
+
+- `content` (the default): a BLAKE2b digest of the pixels and the size, so the cache can
+  never serve another frame's tokens, whatever the frame is called. A restarted producer, a
+  re-run file in a long-lived scale-out worker or two cameras with the same name reuse
+  (camera, index, pts), never pixels. Its cost is one pass over the frame (about 1 GB/s:
+  a few ms for a 1080p frame, against tens of ms for the image processor's resize and the
+  vision encoder; `python benchmarks/cache_key.py` measures both in one run).
+- `frame`: `(camera, index, pts, width, height)`, free to compute but right only while a
+  frame's name identifies its pixels for the engine's life (one run of one source).
+
+Entries own their memory: the encoder's output for a batch of frames is cloned per frame
+(not `torch.split` views), so one surviving entry never pins the whole batch, and
+`VisualTokenCache.bytes` is exactly the storage the entries hold.
 """
 
 from __future__ import annotations
@@ -37,9 +49,15 @@ class CacheEntry:
     tokens: torch.Tensor
     grid_thw: tuple[int, int, int]
 
+    @classmethod
+    def owning(cls, tokens: torch.Tensor, grid_thw: tuple[int, int, int]) -> CacheEntry:
+        """An entry holding its own copy of `tokens` (a view into a batch's output would pin it)."""
+        return cls(tokens.clone(memory_format=torch.contiguous_format), grid_thw)
+
     @property
     def nbytes(self) -> int:
-        return int(self.tokens.numel() * self.tokens.element_size())
+        """Bytes of the storage behind `tokens` (the whole storage, so a view is not under-counted)."""
+        return int(self.tokens.untyped_storage().nbytes())
 
 
 def frame_key(frame: Frame) -> tuple[str, int, float, int, int]:

@@ -16,10 +16,13 @@ takes those tensors *as inputs*, computed on the host from `grid_thw` by `host_i
 | `window_segments`| (N,)         | window id of each patch (windowed layers)                 |
 
 and returns `vision_tokens` (N/m², out_hidden): the merged visual tokens, the same tensor
-as `model.visual(pixel_values, grid_thw).pooler_output`. Attention is dense with a
-block-diagonal mask built in the graph from the segment ids (`Equal` + `Where`), so the graph
-has one dynamic axis (N, the patch count) and no control flow. Dense masked attention costs
-N² per call; callers encode a handful of frames per call, so N stays in the low thousands.
+as `model.visual(pixel_values, grid_thw).pooler_output`. The default graph (`windowed`) also
+takes `window_gather/bias/scatter` and `image_gather/bias/scatter` (see `HostInputs`): each
+windowed layer attends within the windows gathered into a batch dimension (W × L² scores,
+L = the window's patch count), each full-attention layer within each image gathered the
+same way, so memory grows with the window and the image, not with N² over all frames of a
+call. The `dense` graph (one N×N block-diagonal mask from the segment ids, `Equal` +
+`Where`) is kept as the benchmark's baseline. Neither has control flow.
 
 `TensorRTVisionEncoder` and `OnnxRuntimeVisionEncoder` (streamvg.grounding.trt) run
 `host_inputs()` and feed the graph, so the host code tested on CPU is the one used on GPU.
@@ -48,6 +51,7 @@ __all__ = [
     "INPUT_NAMES",
     "ONNX_NAME",
     "OUTPUT_NAME",
+    "WINDOWED_INPUTS",
     "HostInputs",
     "VisionExportWrapper",
     "VisionSpec",
@@ -57,6 +61,7 @@ __all__ = [
     "model_hash",
     "patch_profiles",
     "patches_for_pixels",
+    "profile_shapes",
     "read_build_config",
 ]
 
@@ -75,6 +80,9 @@ INPUT_NAMES = (
     "window_segments",
 )
 OUTPUT_NAME = "vision_tokens"
+# Inputs of the windowed graph (attention batched per segment); the dense graph has none of them.
+WINDOWED_INPUTS = ("window_gather", "window_bias", "window_scatter", "image_gather", "image_bias", "image_scatter")
+ATTENTION_KINDS = ("windowed", "dense")
 # Inputs whose first axis is the patch count N; the others are indexed by merged token (N/m²).
 PATCH_AXIS_INPUTS = ("pixel_patches", "rope_cos", "rope_sin", "full_segments", "window_segments")
 MERGED_AXIS_INPUTS = ("window_index", "reverse_index")
@@ -169,13 +177,22 @@ class HostInputs:
     reverse_index: torch.Tensor  # (N/m²,) int64
     full_segments: torch.Tensor  # (N,) int64, window order
     window_segments: torch.Tensor  # (N,) int64, window order
+    # Windowed graph: each attention segment (a window, or an image for full attention) as a
+    # row of a batch, padded to the longest; `*_bias` is 0 for real keys, -inf for padding;
+    # `*_scatter` takes each patch back from the padded (rows·length) layout.
+    window_gather: torch.Tensor | None = None  # (W, Lw) int64
+    window_bias: torch.Tensor | None = None  # (W, Lw) float32
+    window_scatter: torch.Tensor | None = None  # (N,) int64
+    image_gather: torch.Tensor | None = None  # (I, Li) int64
+    image_bias: torch.Tensor | None = None  # (I, Li) float32
+    image_scatter: torch.Tensor | None = None  # (N,) int64
 
     @property
     def num_patches(self) -> int:
         return int(self.full_segments.shape[0])
 
     def as_dict(self) -> dict[str, torch.Tensor]:
-        return {
+        out = {
             "rope_cos": self.rope_cos,
             "rope_sin": self.rope_sin,
             "window_index": self.window_index,
@@ -183,6 +200,11 @@ class HostInputs:
             "full_segments": self.full_segments,
             "window_segments": self.window_segments,
         }
+        for name in WINDOWED_INPUTS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
 
 
 def _grid_list(grid_thw: torch.Tensor | Any) -> list[tuple[int, int, int]]:
@@ -254,6 +276,12 @@ def host_inputs(grid_thw: torch.Tensor | Any, spec: VisionSpec) -> HostInputs:
         return x.reshape(-1, mu, *x.shape[1:])[window_index].reshape(x.shape)
 
     window_segments = torch.repeat_interleave(torch.arange(len(win_sizes)), torch.tensor(win_sizes, dtype=torch.long))
+    image_sizes = [h * w for t, h, w in grids for _ in range(t)]
+    # Windows of one model pad to the same length (the window's full patch count), so the
+    # window layers' shapes depend on the window, not on the image.
+    ws_patches = (spec.window_size // spec.patch_size) ** 2 if spec.window_size > 0 else 0
+    wg, wb, wsc = _segment_tables(win_sizes, max(ws_patches, max(win_sizes)))
+    ig, ib, isc = _segment_tables(image_sizes, max(image_sizes))
     return HostInputs(
         rope_cos=permute(emb.cos()).contiguous(),
         rope_sin=permute(emb.sin()).contiguous(),
@@ -261,7 +289,23 @@ def host_inputs(grid_thw: torch.Tensor | Any, spec: VisionSpec) -> HostInputs:
         reverse_index=reverse_index,
         full_segments=permute(torch.cat(full_seg).long()).contiguous(),
         window_segments=window_segments.long(),
+        window_gather=wg, window_bias=wb, window_scatter=wsc,
+        image_gather=ig, image_bias=ib, image_scatter=isc,
     )
+
+
+def _segment_tables(sizes: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gather (S, L), bias (S, L), scatter (N,)) for consecutive segments of `sizes` patches padded to `length`."""
+    n_seg = len(sizes)
+    size = torch.tensor(sizes, dtype=torch.long)
+    start = torch.cumsum(size, 0) - size
+    col = torch.arange(length).unsqueeze(0)
+    valid = col < size.unsqueeze(1)
+    gather = torch.where(valid, start.unsqueeze(1) + col, torch.zeros((), dtype=torch.long))
+    bias = torch.where(valid, 0.0, float("-inf")).to(torch.float32)
+    seg = torch.repeat_interleave(torch.arange(n_seg), size)
+    scatter = seg * length + (torch.arange(int(size.sum())) - start[seg])
+    return gather.contiguous(), bias.contiguous(), scatter.contiguous()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -276,8 +320,11 @@ class VisionExportWrapper(nn.Module):
     and numerics are the model's; only the attention bookkeeping is rewritten as tensors.
     """
 
-    def __init__(self, visual: nn.Module, spec: VisionSpec) -> None:
+    def __init__(self, visual: nn.Module, spec: VisionSpec, attention: str = "windowed") -> None:
         super().__init__()
+        if attention not in ATTENTION_KINDS:
+            raise ConfigError(f"attention {attention!r} is not one of {', '.join(ATTENTION_KINDS)}", field="attention")
+        self.attention = attention
         self.visual = visual
         self.spec = spec
         tower: Any = visual
@@ -296,7 +343,75 @@ class VisionExportWrapper(nn.Module):
         out = torch.matmul(probs, v).permute(1, 0, 2).reshape(-1, heads * dim)
         return attn.proj(out)
 
+    def _batched_attention(
+        self, attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        gather: torch.Tensor, bias: torch.Tensor, scatter: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attention within segments gathered into a batch: (S, L) rows, cost S·L² not N²."""
+        heads, dim = self.spec.num_heads, self.spec.head_dim
+        rows, length = gather.shape[0], gather.shape[1]
+        flat = gather.reshape(-1)
+        qkv = attn.qkv(x.index_select(0, flat)).reshape(rows, length, 3, heads, dim).permute(2, 0, 3, 1, 4)  # (3, S, H, L, D)
+        c = cos.index_select(0, flat).reshape(rows, 1, length, dim)
+        s = sin.index_select(0, flat).reshape(rows, 1, length, dim)
+        q, k, v = qkv[0].float(), qkv[1].float(), qkv[2]
+        q = (q * c + _rotate_half(q) * s).to(v.dtype)
+        k = (k * c + _rotate_half(k) * s).to(v.dtype)
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * (dim**-0.5) + bias.reshape(rows, 1, 1, length)
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        out = torch.matmul(probs, v).permute(0, 2, 1, 3).reshape(rows * length, heads * dim)
+        return attn.proj(out.index_select(0, scatter))
+
     def forward(
+        self,
+        pixel_patches: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        window_index: torch.Tensor,
+        reverse_index: torch.Tensor,
+        full_segments: torch.Tensor,
+        window_segments: torch.Tensor,
+        window_gather: torch.Tensor | None = None,
+        window_bias: torch.Tensor | None = None,
+        window_scatter: torch.Tensor | None = None,
+        image_gather: torch.Tensor | None = None,
+        image_bias: torch.Tensor | None = None,
+        image_scatter: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.attention == "windowed":
+            if window_gather is None or window_bias is None or window_scatter is None or image_gather is None or image_bias is None or image_scatter is None:
+                raise ValueError("the windowed graph needs the window_* and image_* inputs from host_inputs()")
+            return self._forward_windowed(
+                pixel_patches, rope_cos, rope_sin, window_index, reverse_index,
+                window_gather, window_bias, window_scatter, image_gather, image_bias, image_scatter,
+            )
+        return self._forward_dense(pixel_patches, rope_cos, rope_sin, window_index, reverse_index, full_segments, window_segments)
+
+    def _embed(self, pixel_patches: torch.Tensor, window_index: torch.Tensor) -> torch.Tensor:
+        mu = self.spec.merge_unit
+        x = torch.matmul(pixel_patches.to(self.patch_weight.dtype), self.patch_weight.t())
+        return x.reshape(-1, mu, x.shape[-1]).index_select(0, window_index).reshape(-1, x.shape[-1])
+
+    def _forward_windowed(
+        self, pixel_patches: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+        window_index: torch.Tensor, reverse_index: torch.Tensor,
+        window_gather: torch.Tensor, window_bias: torch.Tensor, window_scatter: torch.Tensor,
+        image_gather: torch.Tensor, image_bias: torch.Tensor, image_scatter: torch.Tensor,
+    ) -> torch.Tensor:
+        x = self._embed(pixel_patches, window_index)
+        cos, sin = rope_cos.float(), rope_sin.float()
+        tower: Any = self.visual
+        for i, blk in enumerate(tower.blocks):
+            if i in self.full_layers:
+                tables = (image_gather, image_bias, image_scatter)
+            else:
+                tables = (window_gather, window_bias, window_scatter)
+            x = x + self._batched_attention(blk.attn, blk.norm1(x), cos, sin, *tables)
+            x = x + blk.mlp(blk.norm2(x))
+        merged = tower.merger(x)
+        return merged.index_select(0, reverse_index)
+
+    def _forward_dense(
         self,
         pixel_patches: torch.Tensor,
         rope_cos: torch.Tensor,
@@ -424,6 +539,35 @@ def patch_profiles(spec: VisionSpec, *, min_pixels: int, max_pixels: int, max_im
     return profiles
 
 
+def profile_shapes(spec: VisionSpec, profile: dict[str, int], max_image_patches: int) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """(min, opt, max) shape of every graph input for one optimisation profile of patch counts.
+
+    Windowed inputs: windows pad to the model's window length (fixed), so only their count
+    varies (1 .. max_patches/m²); images pad to the largest image of the call
+    (m² .. `max_image_patches`), and there are 1 .. max_patches/m² of them.
+    """
+    mu = spec.merge_unit
+    lo, opt, hi = (int(profile[k]) for k in ("min_patches", "opt_patches", "max_patches"))
+    wl = (spec.window_size // spec.patch_size) ** 2 if spec.window_size > 0 else 0
+    one = min(hi, max_image_patches)
+    shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+    for name in (*PATCH_AXIS_INPUTS, "window_scatter", "image_scatter"):
+        tail = (spec.patch_dim,) if name == "pixel_patches" else ((spec.head_dim,) if name.startswith("rope") else ())
+        shapes[name] = ((lo, *tail), (opt, *tail), (hi, *tail))
+    for name in MERGED_AXIS_INPUTS:
+        shapes[name] = ((lo // mu,), (opt // mu,), (hi // mu,))
+    images_opt = max(1, opt // max(one, 1))
+    for name in ("image_gather", "image_bias"):
+        shapes[name] = ((1, min(mu, one)), (images_opt, one), (max(1, hi // mu), one))
+    if wl:
+        for name in ("window_gather", "window_bias"):
+            shapes[name] = ((1, wl), (max(1, opt // wl), wl), (max(1, hi // mu), wl))
+    else:  # Qwen2-VL has no windowed layers; its window tables are the image tables
+        for name in ("window_gather", "window_bias"):
+            shapes[name] = shapes["image_gather"]
+    return shapes
+
+
 def _sample_grid(spec: VisionSpec) -> torch.Tensor:
     """A tracing example with two images and several windows, so nothing shape-specific folds."""
     m = spec.spatial_merge_size
@@ -441,6 +585,7 @@ def export_vision_onnx(
     max_pixels: int = 448 * 448,
     max_images: int = 4,
     workspace_gib: float = 8.0,
+    attention: str = "windowed",
 ) -> dict[str, Any]:
     """Export the vision encoder to `out_dir/vision.onnx` and write `out_dir/build_config.json`.
 
@@ -452,6 +597,11 @@ def export_vision_onnx(
         min_pixels, max_pixels: per-frame pixel budget of the engine config, in pixels.
         max_images: frames encoded together at most (sets the large profile).
         workspace_gib: TensorRT builder workspace, in GiB.
+        attention: "windowed" (default): the window layers attend within windows gathered
+            into a batch (W, 64 patches at Qwen2.5-VL-7B), the full-attention layers within
+            each image gathered into a batch, so memory grows with the window and the image,
+            not with all patches of the call squared; "dense": one N×N masked attention per
+            layer (the old graph, kept as the benchmark's baseline).
 
     Returns:
         The build config written.
@@ -462,18 +612,28 @@ def export_vision_onnx(
         raise ConfigError(f"min_pixels ({min_pixels}) is larger than max_pixels ({max_pixels})", field="min_pixels")
     if not 1 <= opset <= 23:
         raise ConfigError(f"opset {opset} is not a valid ONNX opset; use 17 or 18", field="opset")
+    if attention not in ATTENTION_KINDS:
+        raise ConfigError(f"attention {attention!r} is not one of {', '.join(ATTENTION_KINDS)}", field="attention")
     started = time.perf_counter()
     visual, spec, digest = load_vision_tower(model_dir, dtype=torch.float32)
-    wrapper = VisionExportWrapper(visual, spec).eval()
+    wrapper = VisionExportWrapper(visual, spec, attention).eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     grid = _sample_grid(spec)
     host = host_inputs(grid, spec)
     n = host.num_patches
     pixels = torch.randn(n, spec.patch_dim)
-    args = (pixels, *host.as_dict().values())
+    feeds = host.as_dict()
+    input_names = list(INPUT_NAMES) + (list(WINDOWED_INPUTS) if attention == "windowed" else [])
+    args = (pixels, *(feeds[name] for name in input_names[1:]))
     dynamic_axes: dict[str, dict[int, str]] = {name: {0: "patches"} for name in PATCH_AXIS_INPUTS}
     dynamic_axes.update({name: {0: "tokens"} for name in MERGED_AXIS_INPUTS})
+    if attention == "windowed":
+        dynamic_axes.update({
+            "window_gather": {0: "windows", 1: "window_len"}, "window_bias": {0: "windows", 1: "window_len"},
+            "image_gather": {0: "images", 1: "image_len"}, "image_bias": {0: "images", 1: "image_len"},
+            "window_scatter": {0: "patches"}, "image_scatter": {0: "patches"},
+        })
     dynamic_axes[OUTPUT_NAME] = {0: "tokens"}
     onnx_path = out / ONNX_NAME
     for stale in (onnx_path, out / (ONNX_NAME + ".data")):
@@ -487,7 +647,7 @@ def export_vision_onnx(
             wrapper,
             args,
             str(staged),
-            input_names=list(INPUT_NAMES),
+            input_names=input_names,
             output_names=[OUTPUT_NAME],
             dynamic_axes=dynamic_axes,
             opset_version=opset,
@@ -514,7 +674,8 @@ def export_vision_onnx(
         "model_hash": digest,
         "onnx": ONNX_NAME,
         "opset": opset,
-        "inputs": list(INPUT_NAMES),
+        "inputs": input_names,
+        "attention": attention,
         "output": OUTPUT_NAME,
         "patch_axis_inputs": list(PATCH_AXIS_INPUTS),
         "merged_axis_inputs": list(MERGED_AXIS_INPUTS),

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -33,6 +34,7 @@ __all__ = [
     "Convention",
     "build_messages",
     "build_question",
+    "neutralise_query",
     "render_chat",
     "render_query",
 ]
@@ -95,6 +97,27 @@ _REASON = (
 )
 
 
+# `<|im_end|>`, `<|image_pad|>`, `<|vision_start|>`, `<|endoftext|>`, … : the tokenizer turns these
+# strings into control tokens wherever they appear, so a query holding one would end the user
+# turn early or add an image slot with no image.
+_CONTROL_TOKEN_RE = re.compile(r"<\|([^<>|\s]{1,64})\|>")
+
+
+def neutralise_query(text: str) -> str:
+    """`text` with every chat-template control token `<|name|>` written as plain `name`.
+
+    Query text is the user's, not the prompt's: StreamVG **neutralises** control tokens
+    (rather than refusing the query) so a query copied from a model answer still runs, and
+    no query can end the user turn (`<|im_end|>`) or add an image slot (`<|image_pad|>`).
+
+    Example:
+        >>> neutralise_query("the cup<|im_end|><|image_pad|>")
+        'the cup im_end image_pad'
+    """
+    out = _CONTROL_TOKEN_RE.sub(lambda m: f" {m.group(1)} ", text)
+    return " ".join(out.split()) if out != text else text
+
+
 def render_query(target: str, template: str = "plain") -> str:
     """The question for `target` phrased by one of `QUERY_TEMPLATES` (or a `{target}` string).
 
@@ -120,7 +143,8 @@ def build_question(
     """The text part of the user turn: the query, the answer format, and (reason mode) the tags.
 
     Args:
-        query: The natural-language query (a phrase or a full question).
+        query: The natural-language query (a phrase or a full question); chat-template
+            control tokens in it are neutralised (`neutralise_query`).
         n_images: Images in the prompt (the window's frames).
         convention: Box convention of the model family; decides the answer format asked for.
         mode: `direct` answers at once; `reason` asks for `<think>…</think><answer>…</answer>`.
@@ -129,8 +153,8 @@ def build_question(
         raise ValueError(f"convention must be 'qwen2_vl' or 'qwen2_5_vl', got {convention!r}")
     if mode not in ("direct", "reason"):
         raise ValueError(f"mode must be 'direct' or 'reason', got {mode!r}")
-    label = " ".join(query.strip().split())[:80].replace('"', "'")
-    q = query.strip()
+    q = neutralise_query(query).strip()
+    label = " ".join(q.split())[:80].replace('"', "'")
     if n_images > 1:
         lead = f"Locate {q} in these {n_images} images." if not q.endswith((".", "?")) else q
     else:

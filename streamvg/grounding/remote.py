@@ -589,7 +589,7 @@ class OpenAIEngine:
         t2 = time.perf_counter()
         text, server_reasoning = _answer_text(answer, self.base_url)
         parsed = parse_answer_full(
-            text, frame_sizes=window.frame_sizes, input_sizes=input_sizes, convention=self.convention
+            text, frame_sizes=window.frame_sizes, input_sizes=input_sizes, convention=self.convention, image_base=1
         )
         if not parsed.ok:
             log.warning(
@@ -602,6 +602,7 @@ class OpenAIEngine:
             st.unparseable += 0 if parsed.ok else 1
             st.boxes += len(parsed.detections)
             st.dropped_boxes += parsed.dropped
+            st.ambiguous_boxes += parsed.ambiguous
             st.prepare_s += t1 - t0
             st.generate_s += t2 - t1
             st.parse_s += t3 - t2
@@ -615,6 +616,7 @@ class OpenAIEngine:
             timings={"prepare": t1 - t0, "vision": 0.0, "generate": t2 - t1, "parse": t3 - t2, "total": t3 - t0},
             parse_ok=parsed.ok,
             usage=_server_usage(answer),
+            ambiguous=parsed.ambiguous,
         )
 
 
@@ -660,8 +662,8 @@ def create_openai_engine(cfg: EngineConfig) -> OpenAIEngine:
         model=cfg.model,
         api_key=cfg.api_key,
         convention=cfg.convention,
-        min_pixels=cfg.min_pixels,
-        max_pixels=cfg.max_pixels,
+        min_pixels=cfg.min_pixels if cfg.min_pixels is not None else 56 * 56,
+        max_pixels=cfg.max_pixels if cfg.max_pixels is not None else 448 * 448,
         max_new_tokens=cfg.max_new_tokens,
         timeout_s=cfg.timeout_s,
         retries=cfg.retries,

@@ -36,9 +36,12 @@ from streamvg.errors import ConfigError, EngineUnavailableError, GroundingError
 from streamvg.grounding.onnx_export import (
     INPUT_NAMES,
     OUTPUT_NAME,
+    WINDOWED_INPUTS,
     HostInputs,
     VisionSpec,
     host_inputs,
+    patches_for_pixels,
+    profile_shapes,
     read_build_config,
 )
 
@@ -170,15 +173,15 @@ def build_engine(
 
     spec = VisionSpec.from_dict(cfg["vision"])
     network_inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
+    one_image = patches_for_pixels(int(cfg["pixels"]["max_pixels"]), spec)
     for prof in cfg["profiles"]:
         profile = builder.create_optimization_profile()
+        shapes = profile_shapes(spec, prof, one_image)
         for name, tensor in network_inputs.items():
-            shape = tuple(tensor.shape)
-            if name in cfg["merged_axis_inputs"]:
-                dims = [prof[k] // spec.merge_unit for k in ("min_patches", "opt_patches", "max_patches")]
-            else:
-                dims = [prof[k] for k in ("min_patches", "opt_patches", "max_patches")]
-            lo, opt, hi = ((d, *shape[1:]) for d in dims)
+            if name not in shapes:
+                raise GroundingError(f"{onnx_path}: unexpected graph input {name!r}; re-export with this StreamVG version")
+            lo, opt, hi = shapes[name]
+            del tensor
             profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(profile)
 
@@ -234,6 +237,18 @@ class _HostPreparedVisionEncoder:
 
     def _run(self, patches: torch.Tensor, host: HostInputs) -> torch.Tensor:
         raise NotImplementedError
+
+    def check_max_pixels(self, max_pixels: int) -> None:
+        """Refuse, at load time, a pixel budget whose largest frame the engine's profiles cannot hold."""
+        need = patches_for_pixels(int(max_pixels), self.spec)
+        built = int(self.build_config["pixels"]["max_pixels"])
+        if need > self.max_patches:
+            raise ConfigError(
+                f"engine.max_pixels ({max_pixels}) needs up to {need} patches per frame, but the engine in "
+                f"{self.engine_dir} was exported for max_pixels {built} (at most {self.max_patches} patches per call); "
+                f"set engine.max_pixels to {built} or less, or re-export with --max-pixels {max_pixels}",
+                field="engine.max_pixels",
+            )
 
     def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Merged visual tokens (sum t·h·w/m², out_hidden) for the images, in order."""
@@ -355,7 +370,7 @@ class TensorRTVisionEncoder(_HostPreparedVisionEncoder):
         feeds = {"pixel_patches": patches, **host.as_dict()}
         keep: list[torch.Tensor] = []
         for name in self._inputs:
-            if name not in INPUT_NAMES:
+            if name not in INPUT_NAMES and name not in WINDOWED_INPUTS:
                 raise GroundingError(f"{self.plan}: unexpected engine input {name!r}; re-export and rebuild the engine")
             t = feeds[name].to(self.device, self._dtypes[name], non_blocking=True).contiguous()
             keep.append(t)

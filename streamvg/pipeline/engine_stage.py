@@ -90,6 +90,22 @@ def ground_in_chunks(
             if give_up:
                 raise GroundingError(failures.give_up_message()) from exc
             continue
+        # An engine may fail single windows of a batch (a refused frame, out of memory):
+        # `Grounding.error` set. Those count as failed windows; the rest go on.
+        bad = [i for i, g in enumerate(groundings) if getattr(g, "error", None)]
+        if bad:
+            for i in bad:
+                w = chunk[i][0]
+                if id(w) not in failed:
+                    failed.add(id(w))
+                    on_failed(w)
+            if failures.failed(len(bad), GroundingError(str(groundings[bad[0]].error))):
+                raise GroundingError(failures.give_up_message())
+            keep = [i for i in range(len(chunk)) if i not in set(bad)]
+            if not keep:
+                continue
+            chunk = [chunk[i] for i in keep]
+            groundings = [groundings[i] for i in keep]
         failures.succeeded()
         yield chunk, groundings, time.perf_counter() - t0
 

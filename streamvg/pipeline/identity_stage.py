@@ -246,7 +246,10 @@ class IdentityStage:
                 log.debug("engine input_size failed", exc_info=True)
         from streamvg.grounding.remote import smart_resize
 
-        h, w = smart_resize(size[1], size[0], min_pixels=self.engine_config.min_pixels, max_pixels=self.engine_config.max_pixels)
+        # Unset limits are the checkpoint's; without the engine's own helper, Qwen's defaults.
+        lo = self.engine_config.min_pixels or 56 * 56
+        hi = self.engine_config.max_pixels or 28 * 28 * 16384
+        h, w = smart_resize(size[1], size[0], min_pixels=lo, max_pixels=hi)
         return (w, h)
 
     def bind_engine(self, engine: GroundingEngine | None) -> None:

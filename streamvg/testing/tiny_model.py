@@ -17,9 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["QWEN_SPECIAL_TOKENS", "build", "build_tokenizer"]
+__all__ = ["QWEN_SPECIAL_TOKENS", "build", "build_tokenizer", "place_chat_template"]
 
 Family = Literal["qwen2_5_vl", "qwen2_vl"]
+ChatTemplatePlace = Literal["jinja", "processor_json", "tokenizer", "none"]
 
 # The special tokens of the Qwen2-VL family (same strings as the released tokenizers).
 QWEN_SPECIAL_TOKENS = [
@@ -95,6 +96,8 @@ def build(
     vision_depth: int = 2,
     min_pixels: int = 56 * 56,
     max_pixels: int = 224 * 224,
+    chat_template_in: ChatTemplatePlace = "jinja",
+    chat_template: str | None = None,
 ) -> Path:
     """Write a tiny random-weight model of `family` into `path` (created); returns `path`.
 
@@ -107,6 +110,11 @@ def build(
         vision_depth: Vision-transformer blocks.
         min_pixels: Image processor's smallest input per image, in pixels.
         max_pixels: Image processor's largest input per image, in pixels.
+        chat_template_in: Where the checkpoint keeps its chat template, as released models
+            do: `"jinja"` (`chat_template.jinja`, what `save_pretrained` writes now),
+            `"processor_json"` (the processor's legacy `chat_template.json`, as Qwen2.5-VL's
+            release), `"tokenizer"` (a key of `tokenizer_config.json`) or `"none"`.
+        chat_template: The template text (default: Qwen's own, `QWEN_CHAT_TEMPLATE`).
     """
     import torch
     from transformers import (
@@ -178,4 +186,28 @@ def build(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
     Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(out)
+    place_chat_template(out, chat_template_in, chat_template)
     return out
+
+
+def place_chat_template(out: Path, where: ChatTemplatePlace, template: str | None = None) -> None:
+    """Keep the chat template of the model folder `out` where `where` says (and nowhere else)."""
+    import json
+
+    from streamvg.grounding.prompts import QWEN_CHAT_TEMPLATE
+
+    text = template if template is not None else QWEN_CHAT_TEMPLATE
+    jinja = out / "chat_template.jinja"
+    jinja.unlink(missing_ok=True)
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg.pop("chat_template", None)
+    if where == "jinja":
+        jinja.write_text(text, encoding="utf-8")
+    elif where == "processor_json":
+        (out / "chat_template.json").write_text(json.dumps({"chat_template": text}, indent=2), encoding="utf-8")
+    elif where == "tokenizer":
+        cfg["chat_template"] = text
+    elif where != "none":
+        raise ValueError(f"chat_template_in must be jinja, processor_json, tokenizer or none, got {where!r}")
+    cfg_path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
