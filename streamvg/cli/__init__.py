@@ -42,6 +42,7 @@ _COMMAND_MODULES: list[str] = [
     "probe",
     "ground",
     "run",
+    "annotate",
 ]
 
 for _name in _COMMAND_MODULES:
