@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from streamvg.errors import SourceError
-from streamvg.reports.draw import BoxTrack, draw_box, draw_caption, track_colour
+from streamvg.reports.draw import BoxTrack, draw_box, track_colour, with_caption
 from streamvg.reports.video import VideoWriter, read_frames
 
 __all__ = ["SegmentLike", "clip_name", "write_clip", "write_clips"]
@@ -71,7 +71,8 @@ def write_clip(
         crf: x264 quality.
 
     Returns:
-        `path`. The clip's first frame is at time 0; the caption shows the video's own time.
+        `path`. The clip's first frame is at time 0. Below the picture (same pixel
+        coordinates as the source) a caption strip shows the video and its own time.
 
     Raises:
         SourceError: the video cannot be read (moved, deleted, not a file).
@@ -84,14 +85,14 @@ def write_clip(
     first: float | None = None
     out = Path(path)
     try:
-        for _index, t, img in read_frames(seg.video, t0, t1):
+        for _index, t, frame in read_frames(seg.video, t0, t1):
+            box = track.box_at(t)
+            if box is not None:
+                draw_box(frame, box, colour, label)
+            img = with_caption(frame, f"{Path(seg.video).name} t={t:.2f}s")
             if writer is None:
                 writer = VideoWriter(out, img.shape[1], img.shape[0], crf=crf)
                 first = t
-            box = track.box_at(t)
-            if box is not None:
-                draw_box(img, box, colour, label)
-            draw_caption(img, f"{Path(seg.video).name} t={t:.2f}s")
             assert first is not None
             writer.write(img, t - first)
     finally:

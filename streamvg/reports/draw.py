@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["BoxTrack", "draw_box", "draw_caption", "track_colour"]
+__all__ = ["BoxTrack", "draw_box", "line_px", "track_colour", "with_caption"]
 
 # Saturated colours that stay distinct after H.264's chroma subsampling (RGB).
 _PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -29,8 +29,16 @@ _PALETTE: tuple[tuple[int, int, int], ...] = (
     (0, 140, 255),
 )
 
-#: Box line width in pixels: thick enough to survive video compression and a pixel check.
-LINE_PX = 3
+def line_px(height: int) -> int:
+    """Box line width (pixels) for a frame `height` pixels high: at least 4, so that every
+    line covers a whole 2x2 chroma block of H.264's 4:2:0 and keeps its colour after
+    encoding (a thinner line takes the colour of what is under it); 6 px at 1080p.
+
+    Example:
+        >>> line_px(360), line_px(1080)
+        (4, 6)
+    """
+    return max(4, round(height / 180))
 
 
 def track_colour(*key: object) -> tuple[int, int, int]:
@@ -46,7 +54,7 @@ def track_colour(*key: object) -> tuple[int, int, int]:
 
 def draw_box(
     image: NDArray[np.uint8], xyxy: Sequence[float], colour: tuple[int, int, int], label: str = "",
-    *, thickness: int = LINE_PX,
+    *, thickness: int | None = None,
 ) -> None:
     """Draw a box (and a label above it) on an RGB `(H, W, 3)` uint8 image, in place.
 
@@ -61,7 +69,7 @@ def draw_box(
     x2, y2 = max(0, min(w - 1, x2 - 1)), max(0, min(h - 1, y2 - 1))
     if x2 < x1 or y2 < y1:
         return
-    t = max(1, thickness)
+    t = max(1, thickness if thickness is not None else line_px(h))
     # Filled bands instead of cv2.rectangle(thickness=t), whose line is centred on the edge.
     image[y1 : min(y1 + t, y2 + 1), x1 : x2 + 1] = colour
     image[max(y2 - t + 1, y1) : y2 + 1, x1 : x2 + 1] = colour
@@ -76,15 +84,21 @@ def draw_box(
         cv2.putText(image, label, (tx + 1, ty - 1), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
 
 
-def draw_caption(image: NDArray[np.uint8], text: str) -> None:
-    """Write `text` (white on black) in the image's bottom-left corner, in place."""
+def with_caption(image: NDArray[np.uint8], text: str) -> NDArray[np.uint8]:
+    """`image` with a black strip below it holding `text` in white (the picture itself
+    stays untouched, so no caption ever hides a box). The strip's height keeps the total
+    height even (H.264 4:2:0)."""
     import cv2
 
-    h = image.shape[0]
+    h, w = image.shape[:2]
     scale = max(0.35, min(0.6, h / 720))
-    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
-    cv2.rectangle(image, (0, h - th - base - 4), (tw + 6, h), (0, 0, 0), -1)
-    cv2.putText(image, text, (3, h - base - 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    (_tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    strip_h = th + base + 6
+    strip_h += (h + strip_h) % 2
+    out = np.zeros((h + strip_h, w, 3), dtype=np.uint8)
+    out[:h] = image
+    cv2.putText(out, text, (3, h + strip_h - base - 3), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return out
 
 
 class BoxTrack:
