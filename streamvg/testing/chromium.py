@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import os
@@ -162,20 +163,16 @@ class Chromium:
     def close(self) -> None:
         """Close the browser and delete its profile."""
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ChromiumError):
                 self.send("Browser.close")
-            except ChromiumError:
-                pass
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         for fd in (self._to_child, self._from_child):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         shutil.rmtree(self._profile, ignore_errors=True)
 
     def __enter__(self) -> Chromium:
@@ -258,10 +255,8 @@ class Page:
         return base64.b64decode(self.send("Page.captureScreenshot", params)["data"])
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(ChromiumError):
             self.browser.send("Target.closeTarget", {"targetId": self.target})
-        except ChromiumError:
-            pass
 
     def __enter__(self) -> Page:
         return self
