@@ -298,7 +298,7 @@ def monitor(
         return
     if not cfg.sources:
         raise ConfigError(f"{pipeline_file}: sources: no cameras configured; add at least one under sources:")
-    if cfg.sinks.redis is None and cfg.sinks.jsonl is None:
+    if cfg.sinks.redis is None and cfg.sinks.jsonl is None and cfg.sinks.mqtt is None:
         err_console.print("no Redis URL configured: writing events to streamvg-events.jsonl")
     pipe = Pipeline(cfg, metrics_port=metrics_port)
     stop = threading.Event()
