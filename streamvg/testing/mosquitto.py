@@ -122,7 +122,7 @@ class Subscriber:
             callback_api_version=paho.CallbackAPIVersion.VERSION2, client_id=client_id or "",
             clean_session=not persistent,
         )
-        self.client.reconnect_delay_set(0.05, 0.2)
+        self.client.reconnect_delay_set(1, 2)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *_a: self.subscribed.set()
         self.client.on_message = self._on_message
