@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import random
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from typing import Any
 import av
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streamvg.demo import ground_truth_tracks, tracked_boxes
 from streamvg.events import Event
@@ -305,3 +308,40 @@ def test_mot_export_scores_the_same_idf1_in_motmetrics(run: dict[str, Any], tmp_
             assert theirs == pytest.approx(ours, abs=1e-9), (cam, qid)
             scores.append(ours)
     assert min(scores) > 0.2 and max(scores) < 1.0  # imperfect answers: a score that could differ
+
+
+def test_a_missing_video_costs_only_its_own_clips(run: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from streamvg.reports import write_clips
+
+    kept = tmp_path / "kept.mp4"
+    kept.write_bytes(Path(run["scene"].cameras["cam0"]).read_bytes())
+    segs = [
+        SimpleNamespace(**{**s, "video": str(kept if s["camera"] == "cam0" else tmp_path / "gone.mp4"), "boxes": []})
+        for s in run["segments"]
+    ]
+    with caplog.at_level(logging.WARNING):
+        paths = write_clips(segs, tmp_path / "clips", pad_s=0.0)
+    assert [p is not None for p in paths] == [s.camera == "cam0" for s in segs]
+    assert all(p.is_file() for p in paths if p is not None)
+    assert sum("gone.mp4: no such video file" in r.getMessage() for r in caplog.records) == 1  # once per video
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 100), st.lists(st.floats(-1e3, 1e3), min_size=4, max_size=4)),
+                min_size=1, max_size=8, unique_by=lambda x: round(x[0], 2)), st.floats(-5, 105))
+def test_boxtrack_is_exact_at_samples_and_between_its_neighbours_elsewhere(
+    samples: list[tuple[float, list[float]]], t: float,
+) -> None:
+    tr = BoxTrack([s[0] for s in samples], [s[1] for s in samples], max_gap_s=1e9, tolerance_s=1e-6)
+    for ts, box in samples:
+        assert tr.box_at(ts) == pytest.approx(box)
+    box = tr.box_at(t)
+    times = sorted(s[0] for s in samples)
+    assert (box is None) == (t < times[0] - 1e-6 or t > times[-1] + 1e-6)
+    if box is not None:
+        before = max((s for s in samples if s[0] <= t + 1e-6), key=lambda s: s[0])
+        after = min((s for s in samples if s[0] >= t - 1e-6), key=lambda s: s[0])
+        for v, a, b in zip(box, before[1], after[1], strict=True):
+            assert min(a, b) - 1e-6 <= v <= max(a, b) + 1e-6
