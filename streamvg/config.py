@@ -17,7 +17,9 @@ sinks: {redis: {url: "redis://localhost:6379/0"}}
 `${VAR}` in string values is replaced from the environment (so passwords stay out of the
 file). Any field can also be overridden by an environment variable named
 `STREAMVG_<SECTION>__<FIELD>` (for example `STREAMVG_SINKS__REDIS__URL` or
-`STREAMVG_ENGINE__MODEL`); the environment wins over the file.
+`STREAMVG_ENGINE__MODEL`), merged field by field: the environment wins over the file and
+over a command's defaults, a flag given on the command line wins over the environment
+(`env_overrides`, `merge_config_data`).
 
 `load_pipeline(path)` returns a `PipelineConfig` or raises `ConfigError` with one line
 naming the field (`sources[1].uri: …`).
@@ -25,8 +27,13 @@ naming the field (`sources[1].uri: …`).
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 import re
+import types
+import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,21 +42,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from streamvg.errors import ConfigError
-from streamvg.redaction import mask_url
+from streamvg.redaction import mask_url, remember_secret, remember_url_secret
 
 __all__ = [
+    "ControlConfig",
     "EngineConfig",
+    "IdentityConfig",
     "JsonlSinkConfig",
+    "MetricsConfig",
     "MqttSinkConfig",
     "PipelineConfig",
     "QueryConfig",
     "RedisSinkConfig",
     "SamplingConfig",
+    "ScaleoutConfig",
     "SinksConfig",
     "SourceConfig",
     "TrackerConfig",
+    "env_overrides",
     "format_validation_error",
     "load_pipeline",
+    "merge_config_data",
     "parse_pipeline",
 ]
 
@@ -72,6 +85,11 @@ class SourceConfig(_Model):
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="Backend options, e.g. {rtsp_transport: tcp} for PyAV or {width: 1280} for OpenCV.",
+    )
+    start_s: float = Field(
+        default=0.0,
+        description="Common-clock seconds at this file's first frame (multi-camera files that started at "
+        "different moments); multi-camera windows align frames on start_s + media time.",
     )
 
     @field_validator("name")
@@ -110,6 +128,11 @@ class SamplingConfig(_Model):
         default=False,
         description="Ground one frame per camera at the same instant (cross-camera queries) instead of "
         "one camera over time.",
+    )
+    max_frame_pixels: int | None = Field(
+        default=3840 * 2160, ge=1,
+        description="Frames with more pixels are downscaled on decode to at most this many, aspect kept "
+        "(files, streams, devices; null = never). The default is 4K UHD (8.3 Mpx).",
     )
 
     @model_validator(mode="after")
@@ -204,6 +227,7 @@ class TrackerConfig(_Model):
     high_score: float = Field(default=0.5, ge=0, le=1, description="Boxes at or above this score extend confirmed tracks first and may start new tracks; raising it avoids tracks from doubtful boxes but starts real ones later.")
     low_score: float = Field(default=0.1, ge=0, le=1, description="Boxes scoring from low_score up to high_score only extend existing confirmed tracks (ByteTrack's second stage); boxes below are ignored.")
     min_confirm_hits: int = Field(default=2, ge=1, description="Matched updates before a track is confirmed, gets an id and is reported; higher removes flicker from false boxes but delays new ids (at 1 update/s, by a second per hit).")
+    confirm_s: float = Field(default=0.1, ge=0, description="Seconds of updates a new track must span before it is reported, capped by min_confirm_hits: at high rates a stray box has to repeat, while at grounding rates (updates sparser than this) a track reports from its first box, since waiting for a second would hide every real object for a whole update interval. 0 always waits for min_confirm_hits.")
     max_lost_s: float = Field(default=3.0, gt=0, description="Media seconds a confirmed track survives without a match; longer bridges occlusions and missed answers but risks handing the id to another object.")
     gate_sigmas: float = Field(default=4.0, gt=0, description="Largest distance of a box from a track's predicted box (centre and size together), in standard deviations of the prediction; the allowance widens by itself with the seconds since the track was seen. Higher re-finds fast movers, lower confuses neighbours less.")
     min_iou: float = Field(default=0.3, ge=0, le=1, description="Overlap with the predicted box that allows a match even outside the gate (sudden size changes at high rates); 1 disables it.")
@@ -223,6 +247,51 @@ class TrackerConfig(_Model):
         return self
 
 
+class IdentityConfig(_Model):
+    """Cross-camera identity: one `global_id` for the same object across cameras (`streamvg.identity`).
+
+    Needs `sampling.multi_camera` (windows of one frame per camera at one instant). Per-camera
+    track ids and events stay as they are; track events gain `global_id`. Links come from the
+    model's own multi-image answers and need several agreeing windows, so one bad answer does
+    not merge two people; two tracks seen at the same time in one camera are never one identity.
+    """
+
+    one_referent: list[str] = Field(
+        default_factory=list,
+        description="Ids of queries that name one object ('the man in the yellow vest'; '*' = every "
+        "query): their boxes in different cameras of one window are that object, linked at no extra "
+        "model cost. Other queries are linked by correspondence requests.",
+    )
+    correspondence: bool = Field(
+        default=True,
+        description="Ask the model which box in the other cameras is the same object as a track's box "
+        "(one extra request per asked track and window) for queries with several targets.",
+    )
+    max_requests_per_window: int = Field(
+        default=4, ge=0,
+        description="Correspondence requests at most per multi-camera window and query; more links "
+        "faster but costs model time (one generate() each).",
+    )
+    ask_every_s: float = Field(
+        default=0.0, ge=0,
+        description="Media seconds between two correspondence requests about the same track; 0 asks in "
+        "every window (subject to max_requests_per_window).",
+    )
+    min_agree: int = Field(
+        default=3, ge=1,
+        description="Agreeing windows before two tracks are linked; higher resists wrong answers but links later.",
+    )
+    max_contradiction: float = Field(
+        default=0.5, ge=0, le=1,
+        description="A link holds while contradicting votes are at most this fraction of agreeing ones; "
+        "beyond it the link is undone.",
+    )
+    match_iou: float = Field(
+        default=0.3, gt=0, le=1,
+        description="Overlap an answered box needs with a tracked box to count as pointing at that track.",
+    )
+
+
 class RedisSinkConfig(_Model):
     """Publish events to Redis Streams + pub/sub."""
 
@@ -237,6 +306,10 @@ class JsonlSinkConfig(_Model):
     """Write events as JSON lines."""
 
     path: str = Field(default="streamvg-events.jsonl", description="File to append events to ('-' = stdout).")
+    fsync: bool = Field(
+        default=False, description="fsync every written batch: survives a power cut, costs a disk flush per batch "
+        "(a killed process loses at most the last batch either way)."
+    )
 
 
 class MqttSinkConfig(_Model):
@@ -259,6 +332,61 @@ class SinksConfig(_Model):
     mqtt: MqttSinkConfig | None = Field(default=None, description="MQTT sink.")
 
 
+class ControlConfig(_Model):
+    """Limits on the control stream `streamvg:{pipeline}:control` (`streamvg query add`), so a
+    hostile or careless command cannot stall the pipeline or blow up every event. A command
+    beyond a limit is rejected with one log line and removed from the stream."""
+
+    max_command_bytes: int = Field(
+        default=64 * 1024, ge=256, description="Largest control command accepted, in bytes of JSON."
+    )
+    max_query_chars: int = Field(
+        default=1000, ge=1, description="Longest query text a control command may add, in characters "
+        "(every event of the query carries it)."
+    )
+    max_queries: int = Field(
+        default=100, ge=1, description="Standing queries at most; an add beyond it is rejected "
+        "(each query multiplies the engine's work per window)."
+    )
+
+
+class ScaleoutConfig(_Model):
+    """Scale-out roles (`streamvg monitor --role ingest|ground`): leases, limits, buffers.
+
+    A camera is leased to one ground worker; the lease is renewed by a heartbeat thread
+    every `heartbeat_s`, however long grounding takes, and moves to another worker
+    `lease_s` after its owner stopped renewing (died, froze, lost Redis).
+    """
+
+    lease_s: float = Field(default=5.0, gt=0, description="Seconds a camera stays with a worker that stopped renewing its lease; shorter moves a dead worker's cameras sooner but a worker paused longer than this (GC, swap, SIGSTOP) loses them.")
+    heartbeat_s: float | None = Field(default=None, gt=0, description="Seconds between lease renewals (default lease_s / 3); must be below lease_s.")
+    max_window_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Largest work entry (a window's JPEG frames and metadata) a ground worker decodes, in bytes; larger ones are dead-lettered.")
+    max_frame_pixels: int = Field(default=4096 * 4096, ge=64 * 64, description="Largest frame (width × height, read from the JPEG header before decoding) a ground worker decodes; larger windows are dead-lettered.")
+    max_state_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="Largest saved tracker state, inflated, in bytes (checked against the archive's declared sizes before inflating); larger states are dead-lettered and the camera's tracks restart clean.")
+    buffer_windows: int = Field(default=256, ge=1, description="Windows per camera the ingest role keeps in memory while Redis is unreachable; live cameras then drop their stalest (counted), files wait.")
+    max_backlog: int = Field(default=1000, ge=1, description="Windows a camera's work stream may hold: live cameras drop their stalest beyond it (counted), files wait for the ground workers.")
+    jpeg_quality: int = Field(default=90, ge=10, le=100, description="JPEG quality of frames on the work streams.")
+
+    @model_validator(mode="after")
+    def _check_heartbeat(self) -> ScaleoutConfig:
+        if self.heartbeat_s is not None and self.heartbeat_s >= self.lease_s:
+            raise ValueError(
+                f"heartbeat_s must be below lease_s (= {self.lease_s}), or leases expire between renewals; "
+                f"the value given is {self.heartbeat_s}"
+            )
+        return self
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        return self.heartbeat_s if self.heartbeat_s is not None else self.lease_s / 3.0
+
+
+class MetricsConfig(_Model):
+    """The Prometheus endpoint (served when `--metrics-port` is given)."""
+
+    address: str = Field(default="127.0.0.1", description="Address the metrics port binds: 127.0.0.1 (this host only) or 0.0.0.0 (every interface; containers, whose probes and scrapers come from outside).")
+
+
 class PipelineConfig(BaseSettings):
     """A whole pipeline file. Environment variables `STREAMVG_<SECTION>__<FIELD>` override it."""
 
@@ -273,6 +401,12 @@ class PipelineConfig(BaseSettings):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    scaleout: ScaleoutConfig = Field(default_factory=ScaleoutConfig, description="Scale-out roles: leases, limits, buffers.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint.")
+    identity: IdentityConfig | None = Field(
+        default=None, description="Cross-camera identities (global_id); off when absent."
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -283,8 +417,9 @@ class PipelineConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The environment overrides the file (a deployment sets secrets and hosts).
-        return (env_settings, init_settings)
+        # The environment is merged by parse_pipeline / merge_config_data, field by field and
+        # under the command line's flags; reading it here as well would put it above them.
+        return (init_settings,)
 
     @field_validator("name")
     @classmethod
@@ -292,6 +427,20 @@ class PipelineConfig(BaseSettings):
         if not _NAME_RE.match(v):
             raise ValueError(f"{v!r} is not a valid pipeline name; use letters, digits, '_', '.' or '-'")
         return v
+
+    @model_validator(mode="after")
+    def _remember_secrets(self) -> PipelineConfig:
+        # Every password of the file is masked by value from now on, wherever it shows up
+        # (a library's message may print it in a form the URL masking cannot recognise).
+        for src in self.sources:
+            remember_url_secret(src.uri)
+        if self.sinks.redis is not None:
+            remember_url_secret(self.sinks.redis.url)
+        if self.engine.base_url:
+            remember_url_secret(self.engine.base_url)
+        if self.engine.api_key:
+            remember_secret(self.engine.api_key)
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> PipelineConfig:
@@ -333,9 +482,129 @@ def format_validation_error(exc: ValidationError, *, source: str = "pipeline fil
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         if err["type"] == "extra_forbidden":
-            msg = "unknown field; check its spelling against `streamvg config check --help`"
+            msg = unknown_field_message(tuple(err["loc"]))
         lines.append(f"{source}: {path or '(top level)'}: {msg}")
     return "\n".join(lines)
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that holds the fields at `loc` (a path of names and list indexes)."""
+    model: type[BaseModel] = PipelineConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        sub = _inner_model(field.annotation)
+        if sub is None:
+            return None
+        model = sub
+    return model
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    """`SourceConfig` from `list[SourceConfig]`, `RedisSinkConfig | None`, `SamplingConfig`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (list, typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _inner_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def unknown_field_message(loc: tuple[Any, ...]) -> str:
+    """"unknown field 'modle'; did you mean 'model'? valid fields: kind, model, …" for a field path."""
+    name = str(loc[-1]) if loc else ""
+    model = _model_at(loc[:-1])
+    if model is None:
+        return "unknown field"
+    valid = list(model.model_fields)
+    near = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return f"unknown field {name!r}{hint}; valid fields: {', '.join(valid)}"
+
+
+_ENV_PREFIX = "STREAMVG_"
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The `STREAMVG_<SECTION>__<FIELD>` variables as nested pipeline data.
+
+    `STREAMVG_ENGINE__BATCH_SIZE=2` gives `{"engine": {"batch_size": "2"}}` (pydantic turns
+    the text into the field's type); `STREAMVG_NAME=lobby` sets a top-level field. A value
+    starting with `{` or `[` is read as JSON (`STREAMVG_SINKS__REDIS='{"url": …}'`), `null`
+    unsets a field, an empty value is ignored. Variables with no `__` that name no field
+    (`STREAMVG_LOG_LEVEL`) are other settings and ignored.
+
+    Raises:
+        ConfigError: a variable with `__` names no section or field (with the valid names and
+            the nearest one), or its JSON value does not parse.
+    """
+    env = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for key in sorted(env):
+        if not key.upper().startswith(_ENV_PREFIX) or key.upper() != key:
+            continue
+        value = env[key]
+        if value == "":
+            continue
+        parts = key[len(_ENV_PREFIX):].lower().split("__")
+        nested = len(parts) > 1
+        if not nested and parts[0] not in PipelineConfig.model_fields:
+            continue
+        model: type[BaseModel] | None = PipelineConfig
+        for i, part in enumerate(parts):
+            if model is None:
+                raise ConfigError(f"{key}: {'.'.join(parts[:i])} has no fields under it; drop the __{part.upper()} part", field=".".join(parts))
+            if part not in model.model_fields:
+                under = f" under {'.'.join(parts[:i])}" if i else ""
+                raise ConfigError(f"{key}: {unknown_field_message(tuple(parts[: i + 1]))}{under}", field=".".join(parts))
+            model = _inner_model(model.model_fields[part].annotation)
+        parsed: Any = value
+        if value.lstrip()[:1] in ("{", "["):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{key}: the value starts like JSON but does not parse ({exc.msg}); quote it as JSON or give plain text", field=".".join(parts)) from exc
+        elif value == "null":
+            parsed = None
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = parsed
+    return out
+
+
+def merge_config_data(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Merge pipeline data field by field, later layers winning (`file, env, flags`).
+
+    Mappings merge key by key at every depth; any other value (a list, a scalar, None)
+    replaces what was below it.
+    """
+    out: dict[str, Any] = {}
+    for layer in layers:
+        if layer:
+            out = _deep_merge(out, layer)
+    return out
+
+
+def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(merged.get(k), Mapping):
+            merged[k] = _deep_merge(merged[k], v)
+        elif isinstance(v, Mapping):
+            merged[k] = _deep_merge({}, v)
+        else:
+            merged[k] = v
+    return merged
 
 
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -363,13 +632,23 @@ def _expand_env(value: Any, path: str = "") -> Any:
     return value
 
 
-def parse_pipeline(data: Any, *, source: str = "pipeline file") -> PipelineConfig:
-    """Validate already-loaded YAML/JSON data; raise `ConfigError` naming the field."""
+def parse_pipeline(
+    data: Any, *, source: str = "pipeline file", env: bool = True, overrides: Mapping[str, Any] | None = None
+) -> PipelineConfig:
+    """Validate already-loaded YAML/JSON data; raise `ConfigError` naming the field.
+
+    Args:
+        data: The file's data (or a command's defaults).
+        source: Named in error messages (the file's path, `streamvg search`).
+        env: Merge the `STREAMVG_<SECTION>__<FIELD>` variables over `data` (`env_overrides`).
+        overrides: Data merged last, over the environment (flags given on the command line).
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections (name, sources, queries, …), got {type(data).__name__}")
     data = _expand_env(data)
+    data = merge_config_data(data, env_overrides() if env else None, overrides)
     try:
         return PipelineConfig(**data)
     except ValidationError as exc:

@@ -34,7 +34,7 @@ from streamvg.redaction import mask_url
 from streamvg.testing.metrics import idf1
 from streamvg.testing.synthetic import replay_records, write_scene
 
-__all__ = ["EventCollector", "ground_truth_tracks", "run_demo", "tracked_boxes"]
+__all__ = ["EventCollector", "demo_config", "ground_truth_tracks", "run_demo", "tracked_boxes", "write_pipeline_file"]
 
 
 class EventCollector:
@@ -84,6 +84,33 @@ def tracked_boxes(events: list[Event], camera: str, query_id: str) -> dict[float
     return dict(out)
 
 
+def demo_config(
+    out: Path, cameras: list[str], queries: list[QueryConfig], *, redis_ok: bool, redis_url: str, fps: float = 5.0
+) -> PipelineConfig:
+    """The pipeline the demo runs on the scene written under `out` (`pipelines/demo.yaml`
+    is this for the default `out`, `streamvg-demo`, and a Redis that answers)."""
+    sinks = SinksConfig(
+        redis=RedisSinkConfig(url=redis_url, spool_dir=str(out / "spool")) if redis_ok else None,
+        jsonl=None if redis_ok else JsonlSinkConfig(path=str(out / "events.jsonl")),
+    )
+    return PipelineConfig(
+        name="demo",
+        sources=[SourceConfig(name=name, uri=str(out / "videos" / f"{name}.mp4")) for name in cameras],
+        sampling=SamplingConfig(fps=fps, window_size=4, stride=2),
+        queries=queries,
+        engine=EngineConfig(kind="replay", replay_path=str(out / "answers.jsonl")),
+        sinks=sinks,
+    )
+
+
+def write_pipeline_file(cfg: PipelineConfig, path: Path) -> None:
+    """Write `cfg` as a pipeline file (passwords masked) that `streamvg monitor` can run again."""
+    import yaml
+
+    header = "# What `streamvg demo` ran; `streamvg monitor` runs it again (paths relative to where the demo ran).\n"
+    path.write_text(header + yaml.safe_dump(cfg.masked(), sort_keys=False), encoding="utf-8")
+
+
 def run_demo(
     out: Path, *, cameras: int = 3, duration_s: float = 12.0, redis_url: str = "redis://127.0.0.1:6379/0",
     redis_ok: bool = False, show: bool = True, fps: float = 5.0,
@@ -103,18 +130,8 @@ def run_demo(
         for q, label in zip(queries, chosen, strict=True):
             for rec in replay_records(gt, query=q.text, labels=[label]):
                 fh.write(json.dumps(rec) + "\n")
-    sinks = SinksConfig(
-        redis=RedisSinkConfig(url=redis_url, spool_dir=str(out / "spool")) if redis_ok else None,
-        jsonl=None if redis_ok else JsonlSinkConfig(path=str(out / "events.jsonl")),
-    )
-    cfg = PipelineConfig(
-        name="demo",
-        sources=[SourceConfig(name=name, uri=str(path)) for name, path in sorted(scene.cameras.items())],
-        sampling=SamplingConfig(fps=fps, window_size=4, stride=2),
-        queries=queries,
-        engine=EngineConfig(kind="replay", replay_path=str(answers)),
-        sinks=sinks,
-    )
+    cfg = demo_config(out, sorted(scene.cameras), queries, redis_ok=redis_ok, redis_url=redis_url, fps=fps)
+    write_pipeline_file(cfg, out / "pipeline.yaml")
     collector = EventCollector()
     pipe = Pipeline(cfg, sinks=[*default_sinks(cfg), collector], collect_segments=True, control=False)
     with console.status(f"running the pipeline on {cameras} cameras × {len(queries)} queries…"):
@@ -153,5 +170,9 @@ def run_demo(
         Console().print(seg_table)
         console.print(f"events: {where}   ({result['elapsed_s']} s)")
         if redis_ok:
-            console.print("follow them with: streamvg tail --pipeline demo --from-start")
+            url_flag = "" if redis_url == "redis://127.0.0.1:6379/0" else f" --url {mask_url(redis_url)}"
+            console.print(f"print them with: streamvg tail --pipeline demo --from-start --timeout 2{url_flag}")
+        console.print(f"what ran: {out / 'pipeline.yaml'} (the same as pipelines/demo.yaml for the default --out); "
+                      f"search it: streamvg search {out / 'videos'} -q \"{queries[0].text}\" --engine replay "
+                      f"--replay {out / 'answers.jsonl'}")
     return result

@@ -10,6 +10,7 @@ StreamVGError                 anything StreamVG raises on purpose (a user-facing
 ├── GroundingError            the grounding engine failed
 │   ├── ModelLoadError        a model directory / hub id cannot be loaded (.model)
 │   ├── EngineUnavailableError  the asked engine needs something not installed (TensorRT, GPU)
+│   ├── GroundingCancelled    a batch stopped part-way because the run is stopping
 │   └── AnswerParseError      a model answer could not be parsed (counted, window skipped)
 ├── TrackingError             boxes or times given to a tracker are unusable (also ValueError)
 └── PublishError              events could not be published
@@ -29,6 +30,7 @@ __all__ = [
     "AnswerParseError",
     "ConfigError",
     "EngineUnavailableError",
+    "GroundingCancelled",
     "GroundingError",
     "ModelLoadError",
     "MqttAuthError",
@@ -101,6 +103,11 @@ class ModelLoadError(GroundingError):
 
 class EngineUnavailableError(GroundingError):
     """The asked engine needs something not present here (TensorRT, a GPU, a package)."""
+
+
+class GroundingCancelled(GroundingError):
+    """A batch was stopped part-way (between generated tokens) because the run is stopping;
+    its answers are discarded, and the windows count neither as grounded nor as failed."""
 
 
 class AnswerParseError(GroundingError):

@@ -10,6 +10,12 @@ Kinds:
 | `track_end` | a track ended (lost too long, or end of file) | `track_id`, `boxes` (last box) |
 | `source_status` | a camera connected, went down, stalled or ended | `state`, `detail` |
 
+Optional fields (absent or null when unused; old consumers keep working): `global_id` on
+track events and on their box, the cross-camera identity of the track (`streamvg.identity`;
+null without an `identity:` section). A track's `global_id` can change while evidence comes
+in: when two identities are linked the younger takes the older id, when a link is undone the
+split-off tracks return to an id of their own.
+
 Every event carries media time `t` (seconds from the source's start), the capture wall
 time `wall_time` (Unix seconds, live sources; `null` for files), the processing wall time
 `processed_time`, and a deterministic `event_id`: the same input (pipeline, kind, camera,
@@ -39,7 +45,7 @@ from typing import Annotated, Any, Literal, cast, get_args
 import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from typing_extensions import TypedDict
+from typing_extensions import NotRequired, TypedDict
 
 from streamvg.redaction import mask_text
 from streamvg.types import Detections
@@ -87,6 +93,7 @@ class Box(TypedDict):
     score: float
     track_id: int
     image_index: int
+    global_id: NotRequired[int | None]  # cross-camera identity (track events with identity on)
 
 
 def make_event_id(
@@ -248,6 +255,11 @@ with warnings.catch_warnings():
         detail: str | None = Field(
             default=None, description="Free text: the reason for a source state, 'lost' for a lost track."
         )
+        global_id: int | None = Field(
+            default=None,
+            description="Cross-camera identity of the track (track_* kinds, with identity on): the same "
+            "object in every camera of the pipeline has the same global_id; may change as links form.",
+        )
 
         @model_validator(mode="before")
         @classmethod
@@ -353,6 +365,7 @@ with warnings.catch_warnings():
                 "track_id": None,
                 "state": None,
                 "detail": None,
+                "global_id": None,
             }
             # Event._trusted(fields), inlined (one call less per event).
             ev = _new(cls)
@@ -383,6 +396,7 @@ with warnings.catch_warnings():
             latency_ms: float | None = None,
             processed_time: float | None = None,
             detail: str | None = None,
+            global_id: int | None = None,
         ) -> Event:
             """A track lifecycle event with the track's box.
 
@@ -411,6 +425,9 @@ with warnings.catch_warnings():
                 "track_id": track_id,
                 "image_index": int(image_index),
             }
+            if global_id is not None:
+                global_id = int(global_id)
+                box["global_id"] = global_id
             return cls._trusted(
                 {
                     "schema": SCHEMA,
@@ -431,6 +448,7 @@ with warnings.catch_warnings():
                     "track_id": track_id,
                     "state": None,
                     "detail": detail if detail is not None else default_detail,
+                    "global_id": global_id,
                 }
             )
 
@@ -476,6 +494,7 @@ with warnings.catch_warnings():
                     "track_id": None,
                     "state": state,
                     "detail": mask_text(detail) if detail else "",
+                    "global_id": None,
                 }
             )
 
@@ -498,6 +517,15 @@ with warnings.catch_warnings():
         def from_dict(cls, data: Mapping[str, Any]) -> Event:
             """Validate an already-decoded JSON object."""
             return cls.model_validate(dict(data))
+
+        def with_global_id(self, global_id: int | None) -> Event:
+            """A copy of this track event carrying `global_id` (top level and on its boxes)."""
+            gid = None if global_id is None else int(global_id)
+            boxes = [cast(Box, {**b, "global_id": gid}) for b in self.boxes]
+            fields = dict(self.__dict__)
+            fields["boxes"] = boxes
+            fields["global_id"] = gid
+            return type(self)._trusted(fields)
 
         def detections(self) -> Detections:
             """The boxes as columnar `Detections`."""

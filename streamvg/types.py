@@ -29,7 +29,9 @@ class Frame:
         camera: Name of the source the frame came from (a pipeline's `sources[].name`).
         index: Frame number in its source (0-based, decode order of presentation).
         pts: Presentation time in media seconds from the source's start, read from the
-            container, never derived from `index / nominal_fps`.
+            container (FFmpeg's best-effort time where the container's timestamps are
+            out of display order; carried on across timestamp restarts within a file),
+            never derived from `index / nominal_fps`.
         image: `(H, W, 3)` uint8 array in **RGB** order.
         wall_time: Unix seconds at capture for live sources; `None` for files.
     """

@@ -148,6 +148,10 @@ class MultiCameraWindows:
             t = frame.pts
         return t + self.offsets_s.get(frame.camera, 0.0)
 
+    def pending(self, camera: str) -> int:
+        """Frames of `camera` waiting for their group."""
+        return len(self._buf[camera]) if camera in self._buf else 0
+
     def push(self, frame: Frame) -> list[Window]:
         """Add one frame; returns the windows that are now complete (often none)."""
         if frame.camera not in self._buf:

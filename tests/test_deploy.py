@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -200,7 +201,7 @@ def test_k8s_manifests_validate() -> None:
 
 def test_k8s_validation_really_checks(tmp_path: Path) -> None:
     docs = _yaml_docs(K8S / "ground.yaml")
-    docs[0]["spec"]["template"]["spec"]["containers"][0]["livenessprobe"] = {"httpGet": {"port": 9108}}
+    docs[0]["spec"]["template"]["spec"]["containers"][0]["livenessprobe"] = {"httpGet": {"port": 9108}}  # a typo
     bad = tmp_path / "ground.yaml"
     bad.write_text(yaml.safe_dump_all(docs))
     res = _run(_tool("kubernetes-validate"), "--strict", str(bad))
@@ -218,7 +219,7 @@ def test_k8s_configmap_carries_the_deploy_pipeline() -> None:
 
 
 def _container(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    (dep,) = [d for d in _yaml_docs(path) if d["kind"] == "Deployment"]
+    (dep,) = [d for d in _yaml_docs(path) if d["kind"] in ("Deployment", "StatefulSet")]
     pod = dep["spec"]["template"]["spec"]
     return pod, pod["containers"][0]
 
@@ -254,3 +255,83 @@ def test_k8s_secret_feeds_the_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
     (cm,) = _yaml_docs(K8S / "configmap.yaml")
     cfg = parse_pipeline(yaml.safe_load(cm["data"]["pipeline.yaml"]))
     assert cfg.sinks.redis is not None and cfg.sinks.redis.url == secret["stringData"]["STREAMVG_SINKS__REDIS__URL"]
+
+
+# --- scale-out deploy: passwords out of process lists, persistent spools, metrics address --
+
+
+def test_no_password_on_a_command_line() -> None:
+    """Probes read the Redis password from REDISCLI_AUTH and redis-server from stdin."""
+    texts = [(DEPLOY / "compose.yaml").read_text(), *(p.read_text() for p in MANIFESTS)]
+    for text in texts:
+        assert "redis-cli -a" not in text and "--requirepass" not in text
+    redis_svc = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["redis"]
+    assert redis_svc["environment"]["REDISCLI_AUTH"] == "${REDIS_PASSWORD:?set REDIS_PASSWORD}"
+    (sts, _svc) = _yaml_docs(K8S / "redis.yaml")
+    c = sts["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "REDISCLI_AUTH", "valueFrom": {"secretKeyRef": {"name": "streamvg-secrets", "key": "REDIS_PASSWORD"}}} in c["env"]
+
+
+def test_redis_start_and_probe_commands_work_without_the_password_in_ps(tmp_path: Path) -> None:
+    """The k8s Redis command and probe, run for real (redis-server, redis-cli, sh)."""
+    from streamvg.testing.servers import free_port, wait_until
+
+    if not (shutil.which("redis-server") and shutil.which("redis-cli")):
+        pytest.skip("redis-server / redis-cli are not installed")
+    (sts, _svc) = _yaml_docs(K8S / "redis.yaml")
+    c = sts["spec"]["template"]["spec"]["containers"][0]
+    port = free_port()
+    start = c["command"][2].replace("--dir /data", f"--dir {tmp_path} --port {port} --bind 127.0.0.1 --save ''")
+    probe = c["readinessProbe"]["exec"]["command"][2].replace("redis-cli", f"redis-cli -p {port}")
+    secret = "s3cret-pw-0123"
+    env = {**os.environ, "REDIS_PASSWORD": secret}
+    server = subprocess.Popen(["sh", "-c", start], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # its own process group: sh and redis-server go together
+    try:
+        wait_until(lambda: _run("sh", "-c", probe, env={**env, "REDISCLI_AUTH": secret}).returncode == 0,
+                   timeout=20, what="the Redis readiness probe to pass")
+        assert _run("sh", "-c", probe, env={**os.environ, "REDISCLI_AUTH": "wrong"}).returncode != 0  # auth is on
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                assert secret.encode() not in cmdline, cmdline
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+
+
+def test_spools_live_on_persistent_volumes() -> None:
+    data = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    spool = "/var/lib/streamvg/spool"
+    for name in ("monitor", "ingest", "ground"):
+        (vol,) = [v for v in data["services"][name]["volumes"] if v.endswith(":" + spool)]
+        assert vol.split(":")[0] in data["volumes"], name  # a named volume, not the container's layer
+    (sts, svc) = _yaml_docs(K8S / "ground.yaml")
+    assert sts["kind"] == "StatefulSet" and svc["spec"]["clusterIP"] == "None" and sts["spec"]["serviceName"] == svc["metadata"]["name"]
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "spool"  # one claim per pod
+    pod = sts["spec"]["template"]["spec"]
+    assert "spool" not in {v["name"] for v in pod["volumes"]}
+    assert {"name": "spool", "mountPath": spool} in pod["containers"][0]["volumeMounts"]
+    dep, pvc = _yaml_docs(K8S / "ingest.yaml")
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["spool"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert dep["spec"]["strategy"]["type"] == "Recreate"  # one pod at a time on the ReadWriteOnce claim
+
+
+def test_containers_bind_metrics_on_every_interface(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamvg.config import load_pipeline
+
+    env = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["x-streamvg-env"]
+    assert env["STREAMVG_METRICS__ADDRESS"] == "0.0.0.0"
+    for role in ("ingest", "ground"):
+        _pod, c = _container(K8S / f"{role}.yaml")
+        assert {"name": "STREAMVG_METRICS__ADDRESS", "value": "0.0.0.0"} in c["env"]
+    monkeypatch.setenv("CAM_PASSWORD", "x")
+    monkeypatch.setenv("REDIS_PASSWORD", "x")
+    assert load_pipeline(DEPLOY / "config" / "pipeline.yaml").metrics.address == "127.0.0.1"  # the safe default
+    monkeypatch.setenv("STREAMVG_METRICS__ADDRESS", "0.0.0.0")
+    assert load_pipeline(DEPLOY / "config" / "pipeline.yaml").metrics.address == "0.0.0.0"

@@ -30,7 +30,7 @@ from streamvg.config import (
     SourceConfig,
 )
 from streamvg.pipeline import GroundingFailures, Pipeline
-from streamvg.scaleout import GROUP, GroundWorker, WindowPublisher, work_key
+from streamvg.scaleout import GroundWorker, WindowPublisher, work_key
 from streamvg.sources import open_source
 from streamvg.testing.live import LiveStreamServer
 from streamvg.testing.openai_server import OpenAIStubProcess
@@ -207,7 +207,8 @@ def test_ground_worker_skips_and_acknowledges_failed_windows(
                    what="every window grounded or skipped")
         assert worker.failures.total == 3 and worker.windows_grounded == len(wins) - 3
         assert int(client.get(f"streamvg:{name}:windows_failed") or 0) == 3
-        assert client.xpending(work_key(name, "cam0"), GROUP)["pending"] == 0
+        # acknowledged = deleted from the work stream by the worker's fenced commit
+        wait_until(lambda: client.xlen(work_key(name, "cam0")) == 0, timeout=10, what="every window acknowledged")
         assert "the saved tracker state of camera 'cam0' is unreadable" in caplog.text
     finally:
         stop.set()

@@ -45,7 +45,7 @@ def _spawn(cfg: Path, role: str) -> subprocess.Popen[str]:
 
 
 def test_ingest_and_two_ground_workers_survive_a_killed_worker(tmp_path: Path) -> None:
-    scene = write_scene(tmp_path / "videos", cameras=3, width=320, height=192, duration_s=12.0, seed=21)
+    scene = write_scene(tmp_path / "videos", cameras=3, width=320, height=192, duration_s=6.0, seed=21)
     gt = scene.ground_truth
     label = sorted({o["label"] for c in gt["cameras"].values() for f in c["frames"] for o in f["objects"]})[0]
     answers = tmp_path / "answers.jsonl"
@@ -72,12 +72,12 @@ def test_ingest_and_two_ground_workers_survive_a_killed_worker(tmp_path: Path) -
             out, err = ingest.communicate(timeout=120)
             assert ingest.returncode == 0, err
             published = json.loads(out.strip().splitlines()[-1])["windows_published"]
-            assert published > 60
+            assert published > 30
 
             def grounded() -> int:
                 return int(client.get("streamvg:fleet:windows_grounded") or 0)
 
-            wait_until(lambda: grounded() >= 15, timeout=60, what="some windows grounded")
+            wait_until(lambda: grounded() >= 8, timeout=60, what="some windows grounded")
             owners = {client.get(f"streamvg:fleet:lease:{c}") for c in scene.cameras}
             victim = next(w for w in workers if any(o and o.decode().split("-")[-2] == str(w.pid) for o in owners))
             victim.send_signal(signal.SIGKILL)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import resource
+import signal
 import subprocess
 import sys
 import threading
@@ -13,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+import yaml
 
 from streamvg.consumer import Subscriber
 from streamvg.errors import ConfigError, RedisAuthError
@@ -223,3 +227,121 @@ def test_auth_right_wrong_and_missing_password(tmp_path: Path, caplog: pytest.Lo
 def test_bad_url_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a redis://"):
         RedisSink("http://u:pw@localhost:6379", "x", spool_dir=tmp_path)
+
+
+# --- issue 14: write-through JSONL, OOM is not "unreachable", a full disk never stops a run --
+
+_JSONL_WRITER = r"""
+import sys, time
+import numpy as np
+from streamvg.events import Event
+from streamvg.sinks import JsonlSink
+from streamvg.types import Detections
+sink = JsonlSink(sys.argv[1], batch_size=64, flush_interval_s=0.1)
+for i in range(1000):
+    det = Detections(xyxy=np.array([[i, 0, i + 1, 1]], dtype=np.float32))
+    sink.publish(Event.grounding(pipeline="j", camera="c", query_id="q", query="x", t=i / 25,
+                                 frame_index=i, frame_size=(64, 64), detections=det, model="m"))
+print("published", flush=True)
+time.sleep(3600)  # never closes: only SIGKILL ends it
+"""
+
+
+def test_jsonl_survives_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", _JSONL_WRITER, str(path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "published"
+        # The last partial batch goes out on the interval, without close().
+        wait_until(lambda: path.exists() and path.read_bytes().count(b"\n") == 1000, timeout=20,
+                   what="all lines written through")
+    finally:
+        proc.kill()
+        proc.wait(10)
+    lines = path.read_bytes().splitlines()
+    assert [Event.from_json(x).frame_index for x in lines] == list(range(1000))
+
+
+def test_out_of_memory_redis_is_reported_as_such(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    with RedisServer() as srv:
+        r = redis.Redis.from_url(srv.url)
+        r.config_set("maxmemory", "1")  # every write is refused: OOM
+        sink = RedisSink(srv.url, "oom", spool_dir=tmp_path, batch_size=8, flush_interval_s=0.01, retry_max_s=0.1)
+        for i in range(40):
+            sink.publish(_event(i, "oom"))
+        sink.flush()
+        wait_until(lambda: not sink.connected, timeout=10, what="sink spooling")
+        assert any("out of memory" in m.getMessage() for m in caplog.records)
+        assert not any("unreachable" in m.getMessage() for m in caplog.records)
+        r.config_set("maxmemory", "0")
+        wait_until(lambda: sink.connected and sink.pending == 0, timeout=20, what="replay")
+        sink.close()
+    again = [m.getMessage() for m in caplog.records if "answers again" in m.getMessage()]
+    assert len(again) == 1 and "spooled events replayed" in again[0]
+    assert sink.stats.dropped == 0 and sink.stats.replayed >= 1
+
+
+def test_never_answering_redis_is_not_reported_back(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing spooled (the disk refuses it) and Redis never answers: no 'answers again'."""
+    caplog.set_level(logging.WARNING)
+    srv = RedisServer()  # never started
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    sink = RedisSink(srv.url, "never", spool_dir=blocker, retry_max_s=0.05, connect_timeout_s=0.2)
+    for i in range(5):
+        sink.publish(_event(i, "never"))
+    wait_until(lambda: sink.stats.errors >= 4, timeout=20, what="several retry rounds")  # none may claim it is back
+    sink.close(drain_timeout_s=0.2)
+    assert not any("answers again" in m.getMessage() for m in caplog.records)
+    assert sink.stats.dropped_by_reason == {"disk": 5} and sink.stats.spooled == 0
+
+
+@pytest.mark.slow
+def test_monitor_goes_on_with_a_full_spool_disk(tmp_path: Path) -> None:
+    """`streamvg monitor` with Redis down and the spool on a tiny filesystem (a 64 KiB
+    tmpfs, or a 64 KiB file-size limit where mounting is not allowed): the run finishes,
+    exit 0, every event spooled or counted as dropped (disk), one warning line."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    limit = 0
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(spool)], capture_output=True, check=False
+    ).returncode == 0
+    if not mounted:
+        limit = 64 * 1024
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("")
+    srv = RedisServer()  # never started: Redis is down the whole run
+    cfg = {
+        "name": "fulldisk", "sources": [{"name": "cup", "uri": str(REPO / "tests" / "media" / "cup.mp4")}],
+        "sampling": {"fps": 5.0, "window_size": 4, "stride": 2},
+        "queries": [{"id": f"q{i}", "text": f"thing {i}"} for i in range(12)],
+        "engine": {"kind": "replay", "replay_path": str(answers)},
+        "sinks": {"redis": {"url": srv.url, "spool_dir": str(spool)}},
+    }
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    def _limit() -> None:  # in the child, before exec
+        if limit:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "streamvg", "monitor", str(path), "--json", "--no-view"],
+            capture_output=True, text=True, timeout=120, check=False, preexec_fn=_limit,
+            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
+        )
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(spool)], check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["events_dropped"] > 0 and set(summary["dropped_by_reason"]) == {"disk"}
+    assert summary["events_spooled"] > 0
+    assert summary["events_spooled"] + summary["events_dropped"] == summary["events_published"]
+    assert len([x for x in out.stderr.splitlines() if "cannot be written" in x]) == 1, out.stderr[-3000:]

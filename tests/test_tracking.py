@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from streamvg.config import TrackerConfig
@@ -84,7 +86,7 @@ def test_missing_for_less_than_max_lost_keeps_id_and_longer_ends() -> None:
 
 
 def test_lifecycle_events_and_confirmation() -> None:
-    trk = Tracker(min_confirm_hits=3)
+    trk = Tracker(min_confirm_hits=3, confirm_s=0.0)  # always 3 hits, whatever the rate
     outs = [trk.update(boxes(person(100 + 10 * k, 100)), 0.2 * k) for k in range(4)]
     assert [len(o) for o in outs] == [0, 0, 1, 1]
     events = trk.pop_events()
@@ -107,10 +109,24 @@ def test_min_confirm_hits_one_reports_at_once() -> None:
 
 
 def test_tentative_track_from_a_single_false_box_never_reports() -> None:
-    trk = Tracker()
+    trk = Tracker(confirm_s=0.0)
     trk.update(boxes(person(100, 100)), 0.0)
     out = trk.update(boxes(person(500, 300)), 0.5)  # far away: not the same object
     assert len(out) == 0 and trk.pop_events() == []
+
+
+@pytest.mark.parametrize(("rate", "hits"), [(25.0, 2), (12.0, 2), (9.0, 1), (5.0, 1), (1.0, 1)])
+def test_confirmation_is_in_seconds_at_grounding_rates(rate: float, hits: int) -> None:
+    # At 25 updates/s a stray box must repeat before it is a track; at grounding rates
+    # waiting for a second box would hide every real object for a whole interval.
+    trk = Tracker()  # min_confirm_hits=2, confirm_s=0.1
+    trk.update(boxes(person(900, 300)), 0.0)  # someone else, so the interval is known
+    trk.update(boxes(person(900, 300)), 1.0 / rate)
+    trk.pop_events()
+    out = trk.update(boxes(person(900, 300), person(100, 100)), 2.0 / rate)
+    assert (100.0 in ids_by_x(out).values()) == (hits == 1)
+    out = trk.update(boxes(person(900, 300), person(100, 100)), 3.0 / rate)
+    assert 100.0 in ids_by_x(out).values()
 
 
 def test_low_score_boxes_extend_but_never_start_tracks() -> None:
@@ -352,3 +368,58 @@ def test_fast_object_turning_back_at_25_fps_keeps_its_id(dropped: tuple[int, ...
         x = 100 + 12 * min(k, 30) - 12 * max(k - 30, 0)
         ids.update(trk.update(boxes(person(x, 200)), k / 25).track_id.tolist())
     assert ids == {0}
+
+
+# --- max_lost_s is a hard limit (issue 17) ---------------------------------------------
+
+
+def _one_box(x: float, y: float = 100.0) -> Detections:
+    return Detections(np.array([[x, y, x + 40, y + 80]], np.float32), np.array([0.9], np.float32))
+
+
+def test_a_box_after_a_long_gap_never_takes_the_old_id() -> None:
+    # The case from the issue: a box every 0.2 s for 2 s, then one box 400 px away 60 s later.
+    trk = Tracker(max_lost_s=3.0)
+    for k in range(11):
+        trk.update(_one_box(100 + 5 * k), t=0.2 * k)
+    old = {e.track_id for e in trk.pop_events() if e.kind == "started"}
+    assert len(old) == 1
+    out = trk.update(_one_box(500), t=62.0)
+    events = trk.pop_events()
+    ended = [e for e in events if e.kind == "ended"]
+    assert [e.track_id for e in ended] == list(old)
+    assert ended[0].t == pytest.approx(2.0)  # the time it was last seen, not the gap's end
+    assert not set(out.track_id.tolist()) & old
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rate=st.sampled_from([1.0, 2.0, 5.0, 25.0]),
+    max_lost_s=st.floats(0.5, 10.0),
+    gap_factor=st.floats(0.05, 20.0),
+    shift=st.floats(0.0, 600.0),
+)
+def test_max_lost_s_decides_whether_a_track_comes_back(rate: float, max_lost_s: float, gap_factor: float, shift: float) -> None:
+    """Whatever the rate and the place of the next box: after a gap longer than
+    `max_lost_s` the old id is never returned; within it, a box where the object was
+    re-finds the same id."""
+    dt = 1.0 / rate
+    max_lost_s = max(max_lost_s, 1.5 * dt)  # a limit shorter than the frame interval ends every track
+    trk = Tracker(max_lost_s=max_lost_s, min_confirm_hits=2)
+    t = 0.0
+    for _ in range(6):
+        trk.update(_one_box(100.0), t=t)
+        t += dt
+    last_seen = t - dt
+    ids = {e.track_id for e in trk.pop_events() if e.kind == "started"}
+    assert len(ids) == 1
+    gap = max_lost_s * gap_factor
+    if abs(gap - max_lost_s) < 1e-6:
+        return  # the boundary itself is either side, by rounding
+    out = trk.update(_one_box(100.0 + (shift if gap > max_lost_s else 0.0)), t=last_seen + gap)
+    got = set(out.track_id.tolist())
+    if gap > max_lost_s:
+        assert not got & ids
+        assert [e.track_id for e in trk.pop_events() if e.kind == "ended"] == list(ids)
+    else:
+        assert got == ids

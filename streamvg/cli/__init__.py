@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import sys
+import time
 
 import typer
 
@@ -43,6 +44,7 @@ _COMMAND_MODULES: list[str] = [
     "ground",
     "run",
     "annotate",
+    "eval",
 ]
 
 for _name in _COMMAND_MODULES:
@@ -70,22 +72,64 @@ def setup_logging(verbose: int = 0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; user errors print one sentence and exit 2."""
+    """Run the command line; returns the exit code (`streamvg.cli.outcome`: 0 done, 1
+    finished with failures, 2 bad usage or input, 130 Ctrl-C), never a traceback for a
+    StreamVG error.
+
+    Called with no `argv` (the `streamvg` program, `python -m streamvg`), a process that
+    loaded torch ends here, right after its outputs are flushed (`_exit_now`); with `argv`
+    (tests, scripts) it returns.
+    """
+    from streamvg.cli.outcome import EXIT_INTERRUPTED, exit_code_for_error
+
     setup_logging()
+    code = 0
     try:
         # standalone mode lets click print usage errors its own way (no traceback);
         # StreamVG's own errors pass through it and become one sentence here.
         app(args=argv, prog_name="streamvg")
     except SystemExit as exc:
-        code = exc.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except StreamVGError as exc:
         typer.echo(f"error: {mask_text(str(exc))}", err=True)
-        return 2
+        code = exit_code_for_error(exc)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        return 130
-    return 0
+        code = EXIT_INTERRUPTED
+    if argv is None and "torch" in sys.modules:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int, grace_s: float = 0.5) -> None:
+    """End the process with `code` without the interpreter's teardown of torch.
+
+    Everything the command produced is flushed and closed by now. Tearing torch and
+    transformers down takes seconds (3-7 s on a busy 2-core machine, longer than a user
+    waits after Ctrl-C), and aborts the process ("terminate called without an active
+    exception") when an engine thread is still inside a model step that a stop could not
+    cut short (a long prefill); such a thread stops at its next token, but is not waited
+    for beyond `grace_s`. Exit handlers still run (logging, temporary files), except the
+    one that would wait for that thread.
+    """
+    import atexit
+
+    from streamvg.cli.outcome import flush_std_streams
+    from streamvg.pipeline import runtime
+
+    running = runtime.unfinished_engine_threads()
+    deadline = time.monotonic() + grace_s
+    for t in running:
+        t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in running):
+        logging.getLogger("streamvg").info("leaving while the model finishes its step; its batch is discarded")
+    atexit.unregister(runtime._join_unfinished_at_exit)
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        logging.shutdown()
+        flush_std_streams()
+        os._exit(code)
 
 
 if __name__ == "__main__":

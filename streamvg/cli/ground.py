@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
 
-from streamvg.errors import ConfigError, SourceNotFoundError, UnsupportedSourceError
+from streamvg.cli.outcome import EXIT_FAILURES
+from streamvg.errors import ConfigError, SourceNotFoundError, StreamVGError, UnsupportedSourceError
+
+_ENGINE_FLAGS = {
+    "model": "engine.model", "device": "engine.device", "max_pixels": "engine.max_pixels",
+    "min_pixels": "engine.min_pixels", "max_new_tokens": "engine.max_new_tokens", "convention": "engine.convention",
+}
 
 _COLORS = [(255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (200, 64, 255), (0, 220, 220)]
 
@@ -52,6 +57,7 @@ def annotate(images: list[np.ndarray], records: list[dict[str, Any]], out: Path,
 
 
 def ground(
+    ctx: typer.Context,
     images: Annotated[list[Path], typer.Argument(help="Pictures to ask about, in order (image 1, 2, …).")],
     query: Annotated[str, typer.Option("--query", "-q", help="What to find, e.g. 'the red cup'.")],
     mode: Annotated[str, typer.Option("--mode", help="'direct' answers at once; 'reason' thinks first (slower).")] = "direct",
@@ -68,24 +74,37 @@ def ground(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Find QUERY in the pictures with GeM-VG; print the boxes of each picture in its own pixels."""
+    from streamvg.cli import preflight
+    from streamvg.config import parse_pipeline
     from streamvg.grounding.hf import GemVGEngine
     from streamvg.types import Frame, Query, Window
 
     if mode not in ("direct", "reason"):
         raise ConfigError(f"--mode {mode!r} is unknown; use direct or reason")
-    model = model or os.environ.get("STREAMVG_ENGINE__MODEL")
-    if not model:
-        raise ConfigError("no model given; pass --model DIR_OR_HUB_ID or set STREAMVG_ENGINE__MODEL")
     if not query.strip():
         raise ConfigError("--query is empty; say what to find, e.g. --query 'the red cup'")
+    # Flags left at their default < STREAMVG_ENGINE__… variables < flags given.
+    defaults, given = preflight.flag_layers(ctx, _ENGINE_FLAGS, {
+        "model": model, "device": device, "max_pixels": max_pixels, "min_pixels": min_pixels,
+        "max_new_tokens": max_new_tokens, "convention": convention})
+    engine_cfg = parse_pipeline(defaults, source="streamvg ground", overrides=given).engine.model_copy(
+        update={"kind": "gemvg", "batch_size": 1})
+    if not engine_cfg.model:
+        raise ConfigError("no model given; pass --model DIR_OR_HUB_ID or set STREAMVG_ENGINE__MODEL")
+    if annotate_out is not None:
+        preflight.check_output_file(annotate_out, "--annotate")
     pictures = [_read_image(p) for p in images]
     frames = tuple(Frame(camera=p.name, index=k, pts=0.0, image=img) for k, (p, img) in enumerate(zip(images, pictures, strict=True)))
-    engine = GemVGEngine(
-        model, device=device, min_pixels=min_pixels, max_pixels=max_pixels,
-        max_new_tokens=max_new_tokens, convention=convention, batch_size=1, cache_bytes=0,
-    )
+    engine = GemVGEngine(engine_cfg, cache_bytes=0)
     try:
         result = engine.ground([Window(frames)], Query(id="q", text=query, mode=mode))[0]  # type: ignore[arg-type]
+    except StreamVGError:
+        raise
+    except Exception as exc:  # inside transformers' generate: one sentence, exit 1 (the input was fine)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        typer.echo(f"error: the model {engine.name} failed while answering ({type(exc).__name__}: {first}); "
+                   "check its files (config.json, generation_config.json) or try another model", err=True)
+        raise typer.Exit(EXIT_FAILURES) from exc
     finally:
         engine.close()
     records = result.detections.to_records()

@@ -24,16 +24,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from streamvg.config import (
-    EngineConfig,
-    JsonlSinkConfig,
-    PipelineConfig,
-    QueryConfig,
-    SamplingConfig,
-    SinksConfig,
-    SourceConfig,
-    load_pipeline,
-)
+from streamvg.cli import outcome, preflight
+from streamvg.config import PipelineConfig, QueryConfig, load_pipeline, parse_pipeline
 from streamvg.errors import ConfigError
 from streamvg.pipeline import Pipeline, RunSummary, Segment, send_query_command
 from streamvg.redaction import mask_url
@@ -99,6 +91,7 @@ def _redis_answers(url: str) -> bool:
 
 
 def search(
+    ctx: typer.Context,
     paths: Annotated[list[Path], typer.Argument(help="Video files or folders of videos.", show_default=False)],
     query: Annotated[list[str], typer.Option("--query", "-q", help="What to look for; repeat for several queries.")],
     fps: Annotated[float, typer.Option(help="Frames sampled per second of video.")] = 1.0,
@@ -121,6 +114,16 @@ def search(
     clips: Annotated[Path | None, typer.Option(help="Write one MP4 per segment (box and track id drawn, 1 s before/after) into this folder.")] = None,
     report: Annotated[Path | None, typer.Option(help="Write a self-contained HTML report (cards per segment, timelines per video) to this file.")] = None,
     mot: Annotated[Path | None, typer.Option(help="Write MOTChallenge files (frame,id,x,y,w,h,score,-1,-1,-1), one per video and query, into this folder.")] = None,
+    cross_camera: Annotated[bool, typer.Option(
+        "--cross-camera", help="The files are cameras covering the same time: ground one frame per camera at "
+        "each instant and give the same object one global id across them (global tracks).")] = False,
+    one_referent: Annotated[bool, typer.Option(
+        "--one-referent", help="With --cross-camera: each query names one object, so its boxes in different "
+        "cameras at one instant are that object (no extra model calls); otherwise the model is asked which "
+        "box is the same object (correspondence requests).")] = False,
+    start: Annotated[list[str] | None, typer.Option(
+        help="With --cross-camera: common-clock seconds at a file's first frame, as CAMERA=SECONDS or, in file "
+        "order, SECONDS; repeat per file. Default: every file starts at the same instant.")] = None,
 ) -> None:
     """Search video files for what a query describes; print where it appears (segments).
 
@@ -133,69 +136,133 @@ def search(
     """
     files = expand_videos(paths)
     names = camera_names(files)
-    try:
-        cfg = PipelineConfig(
-            name="search",
-            sources=[SourceConfig(name=n, uri=str(f)) for n, f in zip(names, files, strict=True)],
-            sampling=SamplingConfig(fps=fps, window_size=window, stride=stride, snap=snap),  # type: ignore[arg-type]
-            queries=[QueryConfig(id=f"q{i + 1}", text=t, min_score=min_score) for i, t in enumerate(query)],
-            engine=EngineConfig(
-                kind=engine, model=model, device=device, batch_size=batch_size,  # type: ignore[arg-type]
-                replay_path=str(replay) if replay else None, base_url=base_url,
-                api_key=os.environ.get("STREAMVG_ENGINE__API_KEY") or None,
-            ),
-            sinks=SinksConfig(jsonl=JsonlSinkConfig(path=str(events)) if events else None),
-        )
-    except Exception as exc:
-        from pydantic import ValidationError
-
-        from streamvg.config import format_validation_error
-
-        if isinstance(exc, ValidationError):
-            raise ConfigError(format_validation_error(exc, source="streamvg search").replace("\n", "; ")) from exc
-        raise
-    if engine in ("gemvg", "gemvg-trt") and not model:
-        raise ConfigError("--model is required with --engine gemvg: give a model directory or hub id (or use --engine replay --replay FILE)")
+    flags = {"fps": fps, "window": window, "stride": stride, "snap": snap, "engine": engine, "model": model,
+             "replay": str(replay) if replay else None, "base_url": base_url, "device": device,
+             "batch_size": batch_size, "events": str(events) if events else None}
+    cfg = _search_config(ctx, names, files, query, min_score, flags)
+    if cross_camera:
+        cfg = _cross_camera_config(cfg, names, start or [], one_referent=one_referent)
+    elif start or one_referent:
+        raise ConfigError("--start and --one-referent go with --cross-camera; add --cross-camera or drop them")
+    if cfg.engine.kind in ("gemvg", "gemvg-trt") and not cfg.engine.model:
+        raise ConfigError("--model is required with --engine gemvg: give a model directory or hub id, or set "
+                          "STREAMVG_ENGINE__MODEL (or use --engine replay --replay FILE)")
+    # Everything that can be found wrong before the search runs is, so no result is lost to it.
+    if out is not None:
+        preflight.check_output_file(out, "--out")
+    if thumbnails is not None:
+        preflight.check_output_dir(thumbnails, "--thumbnails")
+    if cfg.engine.kind == "replay" and cfg.engine.replay_path:
+        preflight.check_replay_file(cfg.engine.replay_path, "--replay")
+    if cfg.sinks.jsonl is not None:
+        preflight.check_output_file(Path(cfg.sinks.jsonl.path), "--events")
 
     from streamvg.pipeline import default_sinks
 
-    sinks = default_sinks(cfg) if events else []
+    sinks = default_sinks(cfg) if (cfg.sinks.jsonl is not None or cfg.sinks.redis is not None) else []
     pipe = Pipeline(cfg, sinks=sinks, collect_segments=True, thumbnails_dir=thumbnails, control=False,
                     log_errors=False)  # the summary below reports them
     summary = _run_with_progress(pipe, names, files, show=not json_out)
     segments = summary.segments
     _write_results(summary, names, files, cfg, clips=clips, report=report, mot=mot, quiet=json_out)
+    failures = outcome.run_failures(summary)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", encoding="utf-8") as fh:
-            for s in segments:
-                fh.write(json.dumps(s.to_json()) + "\n")
+        try:
+            with out.open("w", encoding="utf-8") as fh:
+                for s in segments:
+                    fh.write(json.dumps(s.to_json()) + "\n")
+        except OSError as exc:  # checked before the run; the disk filled up or the folder went away since
+            failures.append(outcome.Failure(str(out), "", "output", f"--out {out} could not be written "
+                                            f"({exc.strerror or type(exc).__name__}); the segments are printed instead"))
+    code = outcome.run_exit_code(summary, failures, interrupted=summary.interrupted)
     if json_out:
-        typer.echo(json.dumps({"segments": [s.to_json() for s in segments], "interrupted": summary.interrupted,
-                               "windows_grounded": summary.windows_grounded,
-                               "windows_failed": summary.windows_failed,
-                               "unparseable_answers": summary.unparseable_answers,
-                               "error": summary.error}))
+        result: dict[str, Any] = {"segments": [s.to_json() for s in segments]}
+        result.update(outcome.summary_fields(summary, failures, code))
+        result.update(_delivery_json(summary))
+        if summary.global_tracks is not None:
+            result["global_tracks"] = [g.to_json() for g in summary.global_tracks]
+            if pipe.identity is not None:
+                result["identity"] = pipe.identity.stats.as_dict()
+        typer.echo(json.dumps(result))
     else:
         console = Console()
         title = f"{len(segments)} segment(s) in {len(files)} video(s), {summary.windows_grounded} windows, {summary.elapsed_s:.1f}s"
         console.print(_segments_table(segments, title))
-        if summary.windows_failed and not summary.error:
-            err_console.print(f"[yellow]grounding failed for {summary.windows_failed} window(s); they were skipped[/]")
-        if summary.unparseable_answers:
-            err_console.print(f"[yellow]{summary.unparseable_answers} model answer(s) could not be parsed; those windows were skipped[/]")
-        if out is not None:
+        if summary.global_tracks is not None:
+            console.print(_global_tracks_table(summary.global_tracks))
+        if out is not None and not any(f.kind == "output" for f in failures):
             err_console.print(f"segments written to {out}")
-    for cam in summary.cameras.values():
-        if cam.state == "failed":
-            err_console.print(f"[red]{Path(cam.uri).name}: {cam.detail}[/]")
+    _print_failures(failures)
     if summary.error:
-        err_console.print(f"[red]error: {summary.error}[/]")
         err_console.print("[yellow]the segments above are what was found before the engine stopped[/]")
-        raise typer.Exit(1)
     if summary.interrupted:
         err_console.print("[yellow]interrupted: the segments above are what was found so far[/]")
-        raise typer.Exit(130)
+    if code:
+        raise typer.Exit(code)
+
+
+_SEARCH_FLAGS = {
+    "fps": "sampling.fps", "window": "sampling.window_size", "stride": "sampling.stride", "snap": "sampling.snap",
+    "engine": "engine.kind", "model": "engine.model", "replay": "engine.replay_path", "base_url": "engine.base_url",
+    "device": "engine.device", "batch_size": "engine.batch_size", "events": "sinks.jsonl.path",
+}
+
+
+def _search_config(ctx: typer.Context, names: list[str], files: list[Path], query: list[str], min_score: float,
+                   flags: dict[str, Any]) -> PipelineConfig:
+    """The search's pipeline: flags left at their default < STREAMVG_… variables < flags given."""
+    defaults, given = preflight.flag_layers(ctx, _SEARCH_FLAGS, flags)
+    fixed = {
+        "name": "search",
+        "sources": [{"name": n, "uri": str(f)} for n, f in zip(names, files, strict=True)],
+        "queries": [{"id": f"q{i + 1}", "text": t, "min_score": min_score} for i, t in enumerate(query)],
+    }
+    return parse_pipeline(defaults, source="streamvg search", overrides={**given, **fixed})
+
+
+def _print_failures(failures: list[outcome.Failure]) -> None:
+    """One line per failure on stderr (red when it makes the run fail)."""
+    for f in failures:
+        if f.kind in ("windows_failed", "unparseable"):
+            err_console.print(f"[yellow]{Path(f.input).name if f.camera else f.input}: {f.error}[/]")
+        elif f.kind == "engine_stopped":
+            err_console.print(f"[red]error: {f.error}[/]")
+        else:
+            err_console.print(f"[red]{Path(f.input).name if f.kind == 'unreadable' else f.input}: {f.error}[/]")
+
+
+def _cross_camera_config(cfg: PipelineConfig, names: list[str], start: list[str], *, one_referent: bool) -> PipelineConfig:
+    """`cfg` with multi-camera windows, the files' start times and identity on (`--cross-camera`)."""
+    from streamvg.config import IdentityConfig
+
+    if len(names) < 2:
+        raise ConfigError(f"--cross-camera needs files of at least two cameras, got {len(names)}; give more files")
+    starts: dict[str, float] = {}
+    for i, item in enumerate(start):
+        name, sep, value = item.rpartition("=")
+        if not sep:
+            if i >= len(names):
+                raise ConfigError(f"--start {item}: more start times than files ({len(names)}); give one per file")
+            name = names[i]
+        elif name not in names:
+            raise ConfigError(f"--start {item}: no camera {name!r}; cameras are {', '.join(names)}")
+        try:
+            starts[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"--start {item}: {value!r} is not a number of seconds; write CAMERA=SECONDS, e.g. {names[0]}=1.5") from None
+    sources = [src.model_copy(update={"start_s": starts.get(src.name, 0.0)}) for src in cfg.sources]
+    sampling = cfg.sampling.model_copy(update={"multi_camera": True})
+    identity = IdentityConfig(one_referent=["*"] if one_referent else [])
+    return cfg.model_copy(update={"sources": sources, "sampling": sampling, "identity": identity})
+
+
+def _global_tracks_table(tracks: list[Any]) -> Table:
+    table = Table(title=f"{len(tracks)} global track(s) across cameras")
+    for col in ("global id", "query", "cameras", "seen"):
+        table.add_column(col, overflow="fold")
+    for g in tracks:
+        table.add_row(str(g.global_id), g.query, str(len(g.cameras)), g.summary())
+    return table
 
 
 def _write_results(
@@ -229,11 +296,13 @@ def _write_results(
 def _run_with_progress(pipe: Pipeline, names: list[str], files: list[Path], *, show: bool) -> RunSummary:
     interrupted = False
     pipe.start()
+    bar = show and (err_console.is_terminal or _force_progress())
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
         TextColumn("{task.fields[frames]} frames"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=err_console, disable=not show or (not err_console.is_terminal and not _force_progress()),
+        console=err_console, disable=not bar,
     )
+    lines = ProgressLines("search", _progress_interval_s(10.0)) if show and not bar else None
     s = pipe.config.sampling
     tasks: dict[str, Any] = {}
     try:
@@ -248,6 +317,8 @@ def _run_with_progress(pipe: Pipeline, names: list[str], files: list[Path], *, s
                         n_frames = max(1, int(cam.duration_s * s.fps))
                         total = max(1, (max(0, n_frames - s.window_size) + s.stride - 1) // s.stride + 1)
                     progress.update(task, completed=cam.windows_grounded, total=total, frames=cam.frames_in)
+                if lines is not None:
+                    lines.maybe(pipe)
             for name, task in tasks.items():
                 cam = pipe.cameras[name]
                 progress.update(task, completed=cam.windows_grounded, total=max(cam.windows_grounded, 1), frames=cam.frames_in)
@@ -255,6 +326,43 @@ def _run_with_progress(pipe: Pipeline, names: list[str], files: list[Path], *, s
         interrupted = True
     pipe.stop()
     return pipe.summary(interrupted=interrupted)
+
+
+class ProgressLines:
+    """Progress as one plain stderr line every `interval_s` when stderr is not a terminal
+    (a log file, a pipe, CI): a bar there would print nothing until the end."""
+
+    def __init__(self, what: str, interval_s: float) -> None:
+        self.what = what
+        self.interval_s = interval_s
+        self.started = time.monotonic()
+        self.last = self.started
+
+    def maybe(self, pipe: Pipeline) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval_s:
+            return
+        self.last = now
+        cams = list(pipe.cameras.values())
+        done = sum(1 for c in cams if c.state in ("ended", "failed", "stopped"))
+        failed = sum(c.windows_failed for c in cams)
+        frames = sum(c.frames_in for c in cams)
+        extra = f", {failed} failed" if failed else ""
+        head = f"{time.strftime('%H:%M:%S')} {self.what}: {pipe.windows_grounded} windows grounded{extra}, {frames} frames"
+        if self.what == "search":
+            tail = f"{done}/{len(cams)} videos done"
+        else:  # a monitor's cameras run until stopped: their states say more
+            tail = ", ".join(f"{c.name} {c.state}" for c in cams[:8]) + (f" +{len(cams) - 8} more" if len(cams) > 8 else "")
+        print(f"{head}, {pipe.events_published} events, {now - self.started:.0f} s; {tail}", file=sys.stderr, flush=True)
+
+
+def _progress_interval_s(default: float) -> float:
+    """Seconds between progress lines off a terminal; `STREAMVG_PROGRESS_INTERVAL_S` overrides."""
+    try:
+        value = float(os.environ.get("STREAMVG_PROGRESS_INTERVAL_S", default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
 
 
 def _force_progress() -> bool:
@@ -291,6 +399,8 @@ def monitor(
     runs with `streamvg query add|remove`.
     """
     cfg = load_pipeline(pipeline_file)
+    if metrics_port is not None:
+        preflight.check_metrics_port(metrics_port)
     if role != "all":
         from streamvg.cli.scaleout import run_role
 
@@ -298,23 +408,34 @@ def monitor(
         return
     if not cfg.sources:
         raise ConfigError(f"{pipeline_file}: sources: no cameras configured; add at least one under sources:")
+    preflight.check_pipeline(cfg, str(pipeline_file))
     if cfg.sinks.redis is None and cfg.sinks.jsonl is None and cfg.sinks.mqtt is None:
         err_console.print("no Redis URL configured: writing events to streamvg-events.jsonl")
-    pipe = Pipeline(cfg, metrics_port=metrics_port)
+    try:
+        pipe = Pipeline(cfg, metrics_port=metrics_port)
+    except OSError as exc:  # the port was taken between the check and now
+        if metrics_port is None:
+            raise
+        raise ConfigError(preflight.metrics_port_message(metrics_port, exc), field="--metrics-port") from exc
     stop = threading.Event()
+    stopped_by: list[int] = []  # the signal that stopped the run (SIGINT: exit 130, SIGTERM: 0)
 
     def _on_signal(signum: int, _frame: object) -> None:
+        stopped_by.append(signum)
         stop.set()
 
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    pipe.start()
-    started = time.monotonic()
-    show = view and err_console.is_terminal and not json_out
     try:
+        pipe.start()
+        started = time.monotonic()
+        show = view and err_console.is_terminal and not json_out
+        lines = ProgressLines(f"monitor {cfg.name}", _progress_interval_s(30.0)) if not show and not json_out else None
         with Live(_camera_table(pipe), console=err_console, refresh_per_second=2, transient=False) if show else _Null() as live:
             while not stop.wait(0.5):
                 if live is not None:
                     live.update(_camera_table(pipe))
+                if lines is not None:
+                    lines.maybe(pipe)
                 if duration_s is not None and time.monotonic() - started >= duration_s:
                     break
                 if pipe.wait(0):
@@ -324,23 +445,39 @@ def monitor(
         pipe.stop(timeout=4.0)
         for s, h in old.items():
             signal.signal(s, h)
-    summary = pipe.summary()
+    interrupted = signal.SIGINT in stopped_by
+    summary = pipe.summary(interrupted=interrupted)
+    failures = outcome.run_failures(summary)
+    all_failed = outcome.all_cameras_failed_error(summary) if summary.error is None else None
+    if all_failed:
+        summary.error = all_failed  # "error": null would read as a healthy run
+    code = outcome.run_exit_code(summary, failures, interrupted=interrupted, all_cameras_must_fail=True)
     if json_out:
-        typer.echo(json.dumps({
+        result: dict[str, Any] = {
             "windows_grounded": summary.windows_grounded, "windows_failed": summary.windows_failed,
             "events_published": summary.events_published, "shutdown_s": round(time.monotonic() - t0, 3),
-            "error": summary.error,
-            "cameras": {n: {"state": c.state, "frames_in": c.frames_in, "windows_grounded": c.windows_grounded,
-                            "windows_dropped": c.windows_dropped, "windows_failed": c.windows_failed,
-                            "reconnects": c.reconnects} for n, c in summary.cameras.items()},
-        }))
+        }
+        result.update(outcome.summary_fields(summary, failures, code))
+        result.update(_delivery_json(summary))
+        result["cameras"] = {n: {"state": c.state, "frames_in": c.frames_in, "windows_grounded": c.windows_grounded,
+                                 "windows_dropped": c.windows_dropped, "windows_failed": c.windows_failed,
+                                 "reconnects": c.reconnects, "detail": c.detail} for n, c in summary.cameras.items()}
+        typer.echo(json.dumps(result))
     else:
         failed = f", {summary.windows_failed} failed" if summary.windows_failed else ""
-        err_console.print(f"stopped: {summary.windows_grounded} windows grounded{failed}, "
+        err_console.print(f"{'interrupted' if interrupted else 'stopped'}: {summary.windows_grounded} windows grounded{failed}, "
                           f"{summary.events_published} events published")
-    if summary.error:
-        err_console.print(f"[red]error: {summary.error}[/]")
-        raise typer.Exit(1)
+    _print_failures(failures)
+    if all_failed:
+        err_console.print(f"[red]error: {all_failed}[/]")
+    if code:
+        raise typer.Exit(code)
+
+
+def _delivery_json(summary: RunSummary) -> dict[str, Any]:
+    """Delivery counts for `--json`: spooled, replayed, dropped (and why)."""
+    return {"events_spooled": summary.events_spooled, "events_replayed": summary.events_replayed,
+            "events_dropped": summary.events_dropped, "dropped_by_reason": summary.dropped_by_reason}
 
 
 class _Null:
@@ -355,7 +492,8 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the generated videos, answers and events.")] = Path("streamvg-demo"),
     cameras: Annotated[int, typer.Option(min=1, max=8, help="Cameras in the generated scene.")] = 3,
     duration_s: Annotated[float, typer.Option(min=2.0, max=120.0, help="Length of the generated videos, seconds.")] = 12.0,
-    redis_url: Annotated[str, typer.Option(help="Publish here if it answers, else write JSONL.")] = "redis://127.0.0.1:6379/0",
+    redis_url: Annotated[str, typer.Option(envvar=["STREAMVG_SINKS__REDIS__URL", "STREAMVG_REDIS_URL"],
+                                           help="Publish here if it answers, else write JSONL.")] = "redis://127.0.0.1:6379/0",
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """A whole StreamVG run on any machine, no model needed.
@@ -382,7 +520,7 @@ def query_add(
     text: Annotated[str, typer.Argument(help="The question, e.g. 'a person in a red jacket'.")],
     pipeline: Annotated[str, typer.Option(help="Pipeline name (its `name:`).")] = "default",
     mode: Annotated[str, typer.Option(help="direct or reason.")] = "direct",
-    url: Annotated[str, typer.Option(envvar="STREAMVG_REDIS_URL", help="Redis URL.")] = "redis://127.0.0.1:6379/0",
+    url: Annotated[str, typer.Option(envvar=["STREAMVG_REDIS_URL", "STREAMVG_SINKS__REDIS__URL"], help="Redis URL.")] = "redis://127.0.0.1:6379/0",
 ) -> None:
     """Start asking a query in every window of PIPELINE from now on."""
     q = QueryConfig(id=query_id, text=text, mode=mode)  # type: ignore[arg-type]
@@ -394,7 +532,7 @@ def query_add(
 def query_remove(
     query_id: Annotated[str, typer.Argument(help="Id of the query to stop.")],
     pipeline: Annotated[str, typer.Option(help="Pipeline name (its `name:`).")] = "default",
-    url: Annotated[str, typer.Option(envvar="STREAMVG_REDIS_URL", help="Redis URL.")] = "redis://127.0.0.1:6379/0",
+    url: Annotated[str, typer.Option(envvar=["STREAMVG_REDIS_URL", "STREAMVG_SINKS__REDIS__URL"], help="Redis URL.")] = "redis://127.0.0.1:6379/0",
 ) -> None:
     """Stop asking a query; its open tracks end."""
     entry = _send(url, pipeline, "remove", query_id=query_id)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
@@ -34,7 +35,7 @@ from typing import Any, Literal
 import torch
 
 from streamvg.config import EngineConfig
-from streamvg.errors import ConfigError, GroundingError, ModelLoadError
+from streamvg.errors import ConfigError, GroundingCancelled, GroundingError, ModelLoadError
 from streamvg.grounding import EngineStats, Grounding
 from streamvg.grounding.answers import Convention, parse_answer_full
 from streamvg.grounding.cache import CacheEntry, VisualTokenCache, content_key, frame_key
@@ -89,6 +90,9 @@ def _check_model_source(model: str) -> str:
         raise ModelLoadError(f"{p} is a file, not a model directory; give the folder that holds config.json", model=model)
     if model.startswith((".", "/", "~")) or model.count("/") > 1 or not _HUB_ID_RE.match(model):
         raise ModelLoadError(f"model directory {model} does not exist; check the path", model=model)
+    from streamvg.grounding.hub import check_hub_model
+
+    check_hub_model(model)  # not cached and no hub: one sentence now, not a minute of retries
     return model  # a hub id
 
 
@@ -120,6 +124,8 @@ class GemVGEngine:
         ModelLoadError: the directory or hub id cannot be loaded (one sentence).
         ConfigError: an option is invalid.
     """
+
+    _stop_event: threading.Event | None = None  # set_stop_event: stop generate between tokens
 
     def __init__(
         self,
@@ -206,7 +212,7 @@ class GemVGEngine:
             else:
                 msg = (
                     f"model {source} could not be loaded from {where} ({first}); "
-                    "download it first (huggingface-cli download) or give a local directory"
+                    "download it first (`hf download ID`) or give a local directory"
                 )
             raise ModelLoadError(msg, model=source) from exc
         tokenizer.padding_side = "left"
@@ -225,6 +231,11 @@ class GemVGEngine:
         for start in range(0, len(requests), self.batch_size):
             out.extend(self._run_batch(requests[start : start + self.batch_size]))
         return out
+
+    def set_stop_event(self, event: threading.Event | None) -> None:
+        """Once `event` is set, a running `generate` stops at the next token and the batch
+        raises `GroundingCancelled` (the pipeline's stop; see `streamvg.grounding.stopping`)."""
+        self._stop_event = event
 
     def close(self) -> None:
         """Drop the cache and the model (frees GPU memory when nothing else holds it)."""
@@ -369,6 +380,11 @@ class GemVGEngine:
             "eos_token_id": self.eos_ids,
         }
         kwargs.update(self.generation_kwargs)
+        stop_event = self._stop_event
+        if stop_event is not None:
+            from streamvg.grounding.stopping import with_stop_event
+
+            kwargs["stopping_criteria"] = with_stop_event(kwargs.get("stopping_criteria"), stop_event)
         try:
             with torch.inference_mode():
                 out = self.model.generate(**inputs, **kwargs)
@@ -377,6 +393,8 @@ class GemVGEngine:
                 f"{self.name} ran out of GPU memory on a batch of {len(requests)} windows; lower engine.batch_size or engine.max_pixels"
             ) from exc
         generate_s = time.perf_counter() - t_gen
+        if stop_event is not None and stop_event.is_set():
+            raise GroundingCancelled(f"{self.name}: stopped while generating (the run is stopping); the batch is discarded")
 
         t_parse = time.perf_counter()
         new = out[:, width:].tolist()

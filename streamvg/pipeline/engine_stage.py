@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
-from streamvg.errors import GroundingError
+from streamvg.errors import GroundingCancelled, GroundingError
 from streamvg.grounding import Grounding, GroundingEngine
 from streamvg.redaction import mask_text
 from streamvg.types import Query, Window
@@ -79,12 +79,15 @@ def ground_in_chunks(
         t0 = time.perf_counter()
         try:
             groundings = engine.ground_many(chunk)
+        except GroundingCancelled:
+            raise  # the run is stopping: not a failure of the engine
         except Exception as exc:  # skipped and counted, not fatal: see GroundingFailures
             newly = {id(w): w for w, _q in chunk if id(w) not in failed}
             failed.update(newly)
+            give_up = bool(newly) and failures.failed(len(newly), exc)  # first: on_failed sees last_error
             for w in newly.values():
                 on_failed(w)
-            if newly and failures.failed(len(newly), exc):
+            if give_up:
                 raise GroundingError(failures.give_up_message()) from exc
             continue
         failures.succeeded()

@@ -18,21 +18,24 @@ through `add_query` / `remove_query` or the Redis control stream
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from streamvg.config import PipelineConfig, QueryConfig
-from streamvg.errors import StreamVGError
+from streamvg.errors import GroundingCancelled, StreamVGError
 from streamvg.events import Event
 from streamvg.grounding import Grounding, GroundingEngine, create_engine
 from streamvg.pipeline.control import ControlFollower, query_from_config
 from streamvg.pipeline.engine_stage import GroundingFailures, ground_in_chunks
+from streamvg.pipeline.identity_stage import GlobalTrack, IdentityStage, global_tracks
 from streamvg.pipeline.metrics import PipelineMetrics
 from streamvg.pipeline.queue import WindowQueue
 from streamvg.pipeline.tracking_stage import Segment, TrackingStage
@@ -42,7 +45,7 @@ from streamvg.sources import SourceStatus, is_live, open_source
 from streamvg.types import Frame, Query, Window
 from streamvg.windows import MultiCameraWindows, windows
 
-__all__ = ["CameraState", "Pipeline", "RunSummary", "Sink", "default_sinks"]
+__all__ = ["CameraState", "Pipeline", "RunSummary", "Sink", "default_sinks", "unfinished_engine_threads"]
 
 log = logging.getLogger("streamvg.pipeline")
 
@@ -72,6 +75,9 @@ class CameraState:
     duration_s: float | None = None
     last_pts: float = 0.0
     reconnects: int = 0
+    answers: int = 0  # (window, query) answers handled
+    unparseable_answers: int = 0
+    last_error: str = ""  # the last grounding error of this camera's windows (masked)
 
 
 @dataclass
@@ -88,6 +94,16 @@ class RunSummary:
     unparseable_answers: int
     windows_failed: int = 0
     error: str | None = None  # why the run stopped early (the engine kept failing), else None
+    answers: int = 0  # (window, query) answers handled, parsed or not
+    # Delivery (summed over the sinks): events written to the outage spool, spooled events
+    # later delivered, and events lost, by reason (`full`: spool cap, `disk`: the spool or
+    # file could not be written, `corrupt`/`unreadable`: damaged spool records, `shutdown`:
+    # produced after the sinks had closed).
+    events_spooled: int = 0
+    events_replayed: int = 0
+    events_dropped: int = 0
+    dropped_by_reason: dict[str, int] = field(default_factory=dict)
+    global_tracks: list[GlobalTrack] | None = None  # cross-camera identities (identity on), else None
 
 
 
@@ -153,15 +169,18 @@ class Pipeline:
         self._sources_lock = threading.Lock()
         self._cameras_running = 0
         self._cameras_running_lock = threading.Lock()
+        # Cross-camera identity sits between the trackers and the sinks (global_id on events).
+        self.identity = IdentityStage(config, publish=self._publish) if config.identity is not None else None
         self.processor = TrackingStage(
-            config, publish=self._publish, model_name=lambda: self._engine.name if self._engine else "",
+            config, publish=self.identity.publish if self.identity is not None else self._publish, model_name=lambda: self._engine.name if self._engine else "",
             collect_segments=collect_segments,
         )
         self._multi: MultiCameraWindows | None = None
-        self._multi_lock = threading.Lock()
+        self._multi_lock = threading.Condition()
         self.windows_grounded = 0
         self.events_published = 0
         self.unparseable_answers = 0
+        self.answers = 0
         limit = config.engine.max_consecutive_failures
         if limit is None:
             limit = 0 if any(c.live for c in self.cameras.values()) else 5
@@ -169,7 +188,10 @@ class Pipeline:
         self._started_at = 0.0
         self._done = threading.Event()
         self._engine_error: BaseException | None = None
-        self.metrics = PipelineMetrics(metrics_port) if metrics_port else None
+        self.metrics = PipelineMetrics(metrics_port, address=config.metrics.address) if metrics_port else None
+        self._outputs_lock = threading.Lock()  # publishing vs closing the sinks
+        self._outputs_closed = False
+        self._lost_at_shutdown = 0
 
     # --- queries --------------------------------------------------------------------
 
@@ -183,7 +205,8 @@ class Pipeline:
         q = query_from_config(query)
         with self._queries_lock:
             self._queries[q.id] = q
-        log.info("query %s added: %s", q.id, q.text)
+        # Shortened: a long text in every log line costs more than it tells.
+        log.info("query %s added: %r", q.id, q.text if len(q.text) <= 200 else q.text[:200] + "…")
 
     def remove_query(self, query_id: str) -> bool:
         """Stop asking query `query_id`; its open tracks end. Returns whether it existed."""
@@ -200,6 +223,9 @@ class Pipeline:
         """Open the engine and sinks and start the camera and engine threads."""
         if self._engine is None and self.window_sink is None:
             self._engine = create_engine(self.config.engine)
+        set_stop = getattr(self._engine, "set_stop_event", None)
+        if callable(set_stop):
+            set_stop(self._stop)  # stop() ends a running generate between tokens
         if self._sinks is None:
             self._sinks = default_sinks(self.config)
         if self.metrics:
@@ -208,17 +234,23 @@ class Pipeline:
             tol = self.config.sampling.tolerance_s or 0.5 / (self.config.sampling.fps or 25.0)
             live = any(c.live for c in self.cameras.values())
             self._multi = MultiCameraWindows(
-                [s.name for s in self.config.sources], tolerance_s=tol, clock="wall" if live else "pts"
+                [s.name for s in self.config.sources], tolerance_s=tol, clock="wall" if live else "pts",
+                offsets_s={s.name: s.start_s for s in self.config.sources if s.start_s} or None,
             )
+        if self.identity is not None:
+            self.identity.bind_engine(self._engine)
         self._started_at = time.monotonic()
         self._cameras_running = len(self.config.sources)
         for src in self.config.sources:
             t = threading.Thread(target=self._camera_loop, args=(src.name, src.uri, src.options), name=f"camera-{src.name}", daemon=True)
             self._threads.append(t)
-        self._threads.append(threading.Thread(target=self._engine_loop, name="engine", daemon=True))
+        self._engine_thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
+        self._threads.append(self._engine_thread)
         if self._control_enabled and self.config.sinks.redis is not None:
             follower = ControlFollower(
-                self.config.sinks.redis.url, self.name, add=self.add_query, remove=self.remove_query, stop=self._stop
+                self.config.sinks.redis.url, self.name, add=self.add_query, remove=self.remove_query, stop=self._stop,
+                limits=self.config.control, query_count=lambda: len(self.queries),
+                config_ids=[q.id for q in self.config.queries],
             )
             self._threads.append(threading.Thread(target=follower.run, name="control", daemon=True))
         for t in self._threads:
@@ -226,7 +258,14 @@ class Pipeline:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop cameras, let the engine finish its batch, end tracks, flush and close sinks."""
+        """Stop cameras, let the engine finish its batch, end tracks, flush and close sinks.
+
+        `timeout` (seconds) bounds the wait for the camera and engine threads in all; a
+        running `generate` stops at its next token (`set_stop_event`), and an engine still
+        inside one model step after that is left to finish on its own
+        (`unfinished_engine_threads`) rather than holding the stop up.
+        """
+        stop_started = time.monotonic()
         self._stop.set()
         with self._sources_lock:
             sources = list(self._sources.values())
@@ -237,10 +276,16 @@ class Pipeline:
         for t in closers:
             t.join(2.5)
         self._queue.close()
-        deadline = time.monotonic() + timeout
+        deadline = stop_started + timeout
+        # Order: sources are closed; the engine finishes its batch and ends the tracks
+        # (publishing); only then are the sinks flushed and closed.
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        self._close_outputs()
+        engine_thread = getattr(self, "_engine_thread", None)
+        if engine_thread is not None and engine_thread.is_alive():
+            _remember_unfinished(engine_thread)
+            log.warning("the engine was still computing %.1f s after the stop; its batch is abandoned", timeout)
+        self._close_outputs(deadline)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every file source is processed (never for live sources unless stopped)."""
@@ -270,13 +315,44 @@ class Pipeline:
             interrupted=interrupted,
             elapsed_s=time.monotonic() - self._started_at if self._started_at else 0.0,
             unparseable_answers=self.unparseable_answers,
+            answers=self.answers,
             windows_failed=self.failures.total,
             error=mask_text(str(self._engine_error)) if self._engine_error is not None
             and not isinstance(self._engine_error, KeyboardInterrupt) else None,
+            **self.delivery(),
+            global_tracks=self.global_tracks() if self.identity is not None else None,
         )
 
+    def delivery(self) -> dict[str, Any]:
+        """The sinks' delivery counts summed: events_spooled, events_replayed, events_dropped
+        and dropped_by_reason (see `RunSummary`)."""
+        spooled = replayed = 0
+        reasons: dict[str, int] = {}
+        for sink in self._sinks or ():
+            for part in getattr(sink, "sinks", None) or [sink]:  # a FanoutSink's members
+                st = getattr(part, "stats", None)
+                spooled += int(getattr(st, "spooled", 0))
+                replayed += int(getattr(st, "replayed", 0))
+                for k, v in (getattr(st, "dropped_by_reason", None) or {}).items():
+                    reasons[k] = reasons.get(k, 0) + int(v)
+        if self._lost_at_shutdown:
+            reasons["shutdown"] = self._lost_at_shutdown
+        reasons = {k: v for k, v in reasons.items() if v}
+        return {"events_spooled": spooled, "events_replayed": replayed,
+                "events_dropped": sum(reasons.values()), "dropped_by_reason": reasons}
+
     def segments(self) -> list[Segment]:
-        return self.processor.segments()
+        segs = self.processor.segments()
+        if self.identity is not None:
+            for seg in segs:
+                seg.global_id = self.identity.global_id(seg.query_id, seg.camera, seg.track_id)
+        return segs
+
+    def global_tracks(self) -> list[GlobalTrack]:
+        """Search segments grouped by cross-camera identity (empty without `identity`)."""
+        if self.identity is None:
+            return []
+        return global_tracks(self.processor.segments(), self.identity.global_id)
 
     def __enter__(self) -> Pipeline:
         return self.start()
@@ -308,7 +384,7 @@ class Pipeline:
         try:
             src = open_source(
                 uri, fps=s.fps, snap=s.snap, tolerance_s=s.tolerance_s, camera=name,
-                on_status=self._on_status, **options,
+                on_status=self._on_status, max_pixels=s.max_frame_pixels, **options,
             )
         except StreamVGError as exc:
             cam.state, cam.detail = "failed", mask_text(str(exc))
@@ -326,7 +402,10 @@ class Pipeline:
             if self._multi is not None:
                 for frame in frames:
                     with self._multi_lock:
+                        if not cam.live:
+                            self._wait_for_other_cameras(name)
                         ready = self._multi.push(frame)
+                        self._multi_lock.notify_all()
                     for w in ready:
                         self._enqueue(name, w)
             else:
@@ -352,6 +431,20 @@ class Pipeline:
                 log.debug("closing camera %s failed", name, exc_info=True)
             self._camera_finished(name)
 
+    def _wait_for_other_cameras(self, name: str, limit_s: float = 2.0) -> None:
+        """Files in multi-camera windows: a camera half a buffer ahead of the others waits
+        (at most `limit_s`, so a camera that never starts cannot stall it), instead of
+        forcing groups out before the others' frames arrive. Keeps windows the same from run
+        to run whatever the decoding speed. Called with `_multi_lock` held."""
+        assert self._multi is not None
+        deadline = time.monotonic() + limit_s
+        while (
+            self._multi.pending(name) >= self._multi.max_buffer // 2
+            and not self._stop.is_set()
+            and time.monotonic() < deadline
+        ):
+            self._multi_lock.wait(0.05)
+
     def _count_frames(self, name: str, frames: Iterable[Frame]) -> Iterable[Frame]:
         cam = self.cameras[name]
         for frame in frames:
@@ -366,6 +459,7 @@ class Pipeline:
             # This camera ended: groups that waited only for it can go now.
             with self._multi_lock:
                 ready = self._multi.flush(name)
+                self._multi_lock.notify_all()
             for w in ready:
                 self._enqueue(name, w)
 
@@ -382,6 +476,13 @@ class Pipeline:
         return not self._stop.is_set()
 
     def _camera_finished(self, name: str) -> None:
+        if self._multi is not None:
+            # Also a camera that never opened: the others must not wait for its frames.
+            with self._multi_lock:
+                ready = self._multi.flush(name)
+                self._multi_lock.notify_all()
+            for w in ready:
+                self._enqueue(name, w)
         with self._cameras_running_lock:
             self._cameras_running -= 1
             last = self._cameras_running == 0
@@ -394,7 +495,7 @@ class Pipeline:
     def _engine_loop(self) -> None:
         batch_size = self.config.engine.batch_size
         try:
-            while True:
+            while not self._stop.is_set():  # stop(): finish the batch in hand, not the queue
                 queries = self.queries
                 max_windows = max(1, batch_size // max(1, len(queries)))
                 batch = self._queue.get_batch(max_windows, wait_s=self.batch_wait_s, timeout=0.2)
@@ -410,14 +511,24 @@ class Pipeline:
                     continue
                 assert self._engine is not None
                 requests = [(w, q) for w in batch for q in queries]
+                log.debug("grounding %d request(s) of %d window(s)", len(requests), len(batch))
                 failed: set[int] = set()  # ids of windows whose grounding failed
-                for chunk, groundings, elapsed in ground_in_chunks(
-                    self._engine, requests, batch_size, self.failures, functools.partial(self._count_failed, failed)
-                ):
-                    if self.metrics:
-                        self.metrics.engine_latency.observe(elapsed)
-                    for (w, q), g in zip(chunk, groundings, strict=True):
-                        self._handle(w, q, g, elapsed * 1000.0 / len(chunk))
+                answered: set[int] = set()  # ids of windows with at least one answer handled
+                try:
+                    for chunk, groundings, elapsed in ground_in_chunks(
+                        self._engine, requests, batch_size, self.failures, functools.partial(self._count_failed, failed)
+                    ):
+                        if self.metrics:
+                            self.metrics.engine_latency.observe(elapsed)
+                        for (w, q), g in zip(chunk, groundings, strict=True):
+                            self._handle(w, q, g, elapsed * 1000.0 / len(chunk))
+                            answered.add(id(w))
+                except GroundingCancelled:  # stop() cut a generate short: count what was answered, then end
+                    log.debug("grounding stopped between tokens: the run is stopping")
+                    self._count_grounded([w for w in batch if id(w) in answered and id(w) not in failed])
+                    break
+                if self.identity is not None:
+                    self.identity.ask(self._engine, batch_size)  # correspondence requests of this batch
                 self._count_grounded([w for w in batch if id(w) not in failed])
             self.processor.finish_all()
         except BaseException as exc:
@@ -433,6 +544,7 @@ class Pipeline:
         cam = self.cameras.get(window.frames[0].camera)
         if cam is not None:
             cam.windows_failed += 1
+            cam.last_error = self.failures.last_error
         if self.metrics:
             self.metrics.windows_failed.labels(window.frames[0].camera).inc()
 
@@ -447,31 +559,56 @@ class Pipeline:
         self._notify()
 
     def _handle(self, window: Window, query: Query, g: Grounding, latency_ms: float) -> None:
+        self.answers += 1
+        cam0 = self.cameras.get(window.frames[0].camera)
         if not g.parse_ok:
             self.unparseable_answers += 1
-        self.processor.process(window, query, g, latency_ms)
-        cam0 = self.cameras.get(window.frames[0].camera)
+            if cam0 is not None:
+                cam0.unparseable_answers += 1
+        fed = self.processor.process(window, query, g, latency_ms)
+        if self.identity is not None:
+            self.identity.observe(window, query, fed)
         if cam0 is not None:
+            cam0.answers += 1
             cam0.last_latency_ms = latency_ms
 
     # --- outputs --------------------------------------------------------------------
 
     def _publish(self, event: Event) -> None:
-        for sink in self._sinks or ():
-            sink.publish(event)
+        with self._outputs_lock:
+            if self._outputs_closed:
+                # Produced after shutdown closed the sinks (the engine outlived stop()'s
+                # deadline): counted, logged once, never raised into the engine thread.
+                self._lost_at_shutdown += 1
+                if self._lost_at_shutdown == 1:
+                    log.warning("an event was produced after the sinks closed; it is dropped and counted "
+                                "(dropped_by_reason.shutdown)")
+                return
+            for sink in self._sinks or ():
+                sink.publish(event)
         self.events_published += 1
         if self.metrics:
             self.metrics.events.labels(event.kind).inc()
 
-    def _close_outputs(self) -> None:
+    def _close_outputs(self, deadline: float | None = None) -> None:
+        """Last step of shutdown, after sources stopped and the engine drained: flush and
+        close the sinks (a spool replay gets what is left of `deadline`), then the engine."""
         if self.thumbnails_dir is not None:
             self._write_thumbnails()
-        for sink in self._sinks or ():
+        with self._outputs_lock:
+            sinks = [] if self._outputs_closed else list(self._sinks or ())
+            self._outputs_closed = True
+        for sink in sinks:
             try:
                 sink.flush()
-            finally:
                 if self._owns_sinks:
-                    sink.close()
+                    left = 1.0 if deadline is None else max(0.5, deadline - time.monotonic())
+                    if isinstance(sink, RedisSink):
+                        sink.close(drain_timeout_s=left)
+                    else:
+                        sink.close()
+            except Exception as exc:  # one failing sink must not keep the others open
+                log.error("closing sink %r failed: %s", sink, mask_text(str(exc)))
         if self._owns_engine and self._engine is not None:
             self._engine.close()
         if self.metrics:
@@ -501,6 +638,36 @@ class Pipeline:
             except Exception:
                 log.debug("progress callback failed", exc_info=True)
 
+# Engine threads still running after their pipeline's stop() timed out (a long model step).
+# They are daemon threads: left running while the interpreter exits, torch's threads abort
+# the process ("terminate called without an active exception"). With the stop event set
+# they end at the next generated token, so at exit they are waited for; a caller that
+# cannot wait (the CLI, which must exit promptly) ends the process with os._exit instead.
+_UNFINISHED: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+_UNFINISHED_LOCK = threading.Lock()
+_AT_EXIT_WAIT_S = 60.0
+
+
+def _remember_unfinished(thread: threading.Thread) -> None:
+    with _UNFINISHED_LOCK:
+        first = not _UNFINISHED
+        _UNFINISHED.add(thread)
+    if first:
+        atexit.register(_join_unfinished_at_exit)
+
+
+def unfinished_engine_threads() -> list[threading.Thread]:
+    """Engine threads of stopped pipelines that are still running (their batch abandoned)."""
+    with _UNFINISHED_LOCK:
+        return [t for t in _UNFINISHED if t.is_alive()]
+
+
+def _join_unfinished_at_exit() -> None:
+    deadline = time.monotonic() + _AT_EXIT_WAIT_S
+    for t in unfinished_engine_threads():
+        t.join(max(0.0, deadline - time.monotonic()))
+
+
 def _close_quietly(src: Any) -> None:
     try:
         src.close()
@@ -515,7 +682,7 @@ def default_sinks(config: PipelineConfig) -> list[Sink]:
     if r is not None:
         sinks.append(RedisSink(r.url, config.name, maxlen=r.maxlen, spool_dir=r.spool_dir, stream=r.stream, spool_max_bytes=r.spool_max_bytes))
     if config.sinks.jsonl is not None:
-        sinks.append(JsonlSink(config.sinks.jsonl.path))
+        sinks.append(JsonlSink(config.sinks.jsonl.path, fsync=config.sinks.jsonl.fsync))
     m = config.sinks.mqtt
     if m is not None:
         from streamvg.sinks.mqtt import MqttSink  # paho-mqtt is an optional extra

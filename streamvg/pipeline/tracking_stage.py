@@ -52,6 +52,7 @@ class Segment:
     best_score: float
     hits: int = 1
     thumbnail: str | None = None
+    global_id: int | None = None  # cross-camera identity (identity on), else None
     best_frame: np.ndarray | None = field(default=None, repr=False, compare=False)
     boxes: list[tuple[float, int, list[float], float]] = field(default_factory=list, repr=False, compare=False)
 
@@ -69,6 +70,7 @@ class Segment:
             "best_score": round(self.best_score, 4),
             "hits": self.hits,
             "thumbnail": self.thumbnail,
+            **({"global_id": self.global_id} if self.global_id is not None else {}),
         }
 
 
@@ -115,8 +117,14 @@ class TrackingStage:
         self._segments: dict[tuple[str, str, int], Segment] = {}
         self._lock = threading.RLock()
 
-    def process(self, window: Window, query: Query, g: Grounding, latency_ms: float | None) -> None:
-        """Publish the window's new frames' groundings and feed them to the trackers."""
+    def process(self, window: Window, query: Query, g: Grounding, latency_ms: float | None) -> dict[int, Detections]:
+        """Publish the window's new frames' groundings and feed them to the trackers.
+
+        Returns:
+            `{image index: tracked boxes}` for the frames fed now (confirmed tracks only,
+            `track_id` set), for stages after tracking (cross-camera identity).
+        """
+        fed: dict[int, Detections] = {}
         dets = g.detections
         if query.min_score > 0 and len(dets):
             dets = dets[dets.score >= query.min_score]
@@ -138,18 +146,21 @@ class TrackingStage:
                 ))
                 tracker = self._trackers.get(key)
                 if tracker is None:
-                    tracker = self._trackers[key] = Tracker(self.config.tracker)
+                    fps = self.config.sampling.fps  # frames reach a tracker at the sampling rate
+                    tracker = self._trackers[key] = Tracker(self.config.tracker, interval_s=1.0 / fps if fps else None)
                 self._queries[key] = query
                 tracked = tracker.update(
                     Detections(frame_dets.xyxy, frame_dets.score, np.zeros(len(frame_dets), np.int64)), frame.pts
                 )
                 self._last_fed[key] = frame.pts
+                fed[k] = tracked
                 info = self._last_frame[key] = _FrameInfo(
                     frame.camera, frame.index, frame.pts, frame.size, frame.wall_time
                 )
                 self._publish_track_events(tracker, info, query, g.model, k)
                 if self.collect_segments and len(tracked):
                     self._update_segments(frame, query, tracked, tracker)
+        return fed
 
     def _publish_track_events(
         self, tracker: Tracker, frame: _FrameInfo, query: Query, model: str, image_index: int
@@ -255,6 +266,18 @@ class TrackingStage:
                     self._last_frame[key] = last_frame
                 if query is not None:
                     self._queries[key] = query
+
+    def finish_camera(self, camera: str) -> None:
+        """End every track of one camera (its source ended) and publish their `track_end`."""
+        with self._lock:
+            for key in [k for k in self._trackers if k[0] == camera]:
+                self.finish(key)
+
+    def camera_time(self, camera: str) -> float | None:
+        """The latest media time fed to any tracker of `camera` (None: no state)."""
+        with self._lock:
+            times = [t for k, t in self._last_fed.items() if k[0] == camera]
+        return max(times) if times else None
 
     def drop_camera(self, camera: str) -> None:
         """Forget a camera's state without publishing anything (another worker took it)."""

@@ -92,5 +92,5 @@ def create_sink(config: SinksConfig, pipeline: str) -> Sink:
                               spool_dir=m.spool_dir, spool_max_bytes=m.spool_max_bytes))
     if config.jsonl is not None or not sinks:
         path = config.jsonl.path if config.jsonl is not None else "streamvg-events.jsonl"
-        sinks.append(JsonlSink(path))
+        sinks.append(JsonlSink(path, fsync=config.jsonl.fsync if config.jsonl is not None else False))
     return sinks[0] if len(sinks) == 1 else FanoutSink(sinks)

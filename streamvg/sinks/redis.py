@@ -19,8 +19,10 @@ Delivery contract (at-least-once, in order):
   unconfirmed batch is spooled, oldest first, before newer events.
 * A batch that failed half-way is spooled whole, so Redis may see some events twice;
   every event has a deterministic `event_id` and `streamvg.consumer.Subscriber` drops
-  duplicates. Nothing is dropped while the spool has room; spool overflow drops the
-  oldest events, counted in `stats.dropped` and logged.
+  duplicates. Nothing is dropped while the spool has room and its disk takes writes;
+  overflow drops the oldest events (`stats.dropped_by_reason["full"]`), a full or
+  unwritable disk the new ones (`"disk"`), each logged once per episode with the count.
+  "Unreachable" and "refuses writes" (out of memory, read-only) are told apart in the log.
 * `publish()` never waits on a dead Redis for more than one socket timeout: once Redis is
   down, publishing writes to the local spool only and the network is left to the
   background thread.
@@ -35,7 +37,7 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -47,7 +49,7 @@ from redis.retry import Retry
 
 from streamvg.errors import ConfigError, PublishError, RedisAuthError
 from streamvg.events import Event
-from streamvg.redaction import mask_text, mask_url
+from streamvg.redaction import mask_text, mask_url, remember_url_secret
 from streamvg.sinks.spool import Spool
 
 __all__ = ["RedisSink", "SinkStats", "connect_redis", "live_channel", "stream_key", "translate_redis_error"]
@@ -82,8 +84,11 @@ class SinkStats:
         published: Events Redis accepted (replayed ones included).
         spooled: Events written to the on-disk spool because Redis was unreachable.
         replayed: Spooled events later delivered to Redis.
-        dropped: Spooled events lost to spool overflow (oldest first).
-        errors: Failed attempts to talk to Redis.
+        dropped: Events lost, all reasons together (`dropped_by_reason`).
+        dropped_by_reason: `full` (spool cap, oldest first), `disk` (the spool or file
+            could not be written: full disk, unwritable folder), `corrupt` (damaged spool
+            records found on reading), `unreadable` (a spool segment that cannot be read).
+        errors: Failed attempts to talk to Redis (or to write the file).
     """
 
     published: int = 0
@@ -91,6 +96,7 @@ class SinkStats:
     replayed: int = 0
     dropped: int = 0
     errors: int = 0
+    dropped_by_reason: dict[str, int] = field(default_factory=dict)
 
 
 def _check_url(url: str) -> None:
@@ -116,6 +122,7 @@ def connect_redis(
         ConfigError: the URL is not a Redis URL.
     """
     _check_url(url)
+    remember_url_secret(url)
     try:
         return redis.Redis.from_url(
             url,
@@ -150,6 +157,17 @@ def translate_redis_error(exc: BaseException, url: str) -> PublishError:
             "check the user name and password (redis://user:password@host:port/db)"
         )
     return PublishError(f"Redis at {where} failed: {mask_text(str(exc)) or type(exc).__name__}")
+
+
+def _why_down(where: str, exc: BaseException) -> str:
+    """Why Redis cannot take events, in words: unreachable, or up but refusing writes."""
+    msg = mask_text(str(exc)) or type(exc).__name__
+    oom = getattr(redis.exceptions, "OutOfMemoryError", ())
+    if isinstance(exc, redis.ResponseError) or (isinstance(exc, redis.RedisError) and msg.startswith(("OOM", "READONLY", "MISCONF"))):
+        if (oom and isinstance(exc, oom)) or msg.startswith("OOM") or "maxmemory" in msg:
+            return f"Redis at {where} is out of memory and refuses writes ({msg}); raise its maxmemory or lower maxlen"
+        return f"Redis at {where} answers but refuses the events ({msg})"
+    return f"Redis at {where} is unreachable ({msg})"
 
 
 def _bulk(b: bytes) -> bytes:
@@ -275,6 +293,8 @@ class RedisSink:
         self._retry_at = 0.0
         self._backoff = self.retry_min_s
         self._down_logged = False
+        self._answered = False  # Redis answered since it went down
+        self._episode_replayed = 0
 
         self.spool = Spool(Path(spool_dir) / pipeline, max_bytes=spool_max_bytes)
         # Events left by an earlier run are replayed before anything new.
@@ -309,8 +329,7 @@ class RedisSink:
             if self._closed:
                 raise PublishError(f"RedisSink for {self.url} is closed; create a new sink to publish")
             if not self._up:
-                self.spool.append(data)
-                self._stats.spooled += 1
+                self._spool([data])
                 return
             if not self._buf:
                 self._buf_since = time.monotonic()
@@ -355,7 +374,8 @@ class RedisSink:
 
     @property
     def stats(self) -> SinkStats:
-        """The sink's counters (published, spooled, replayed, dropped, errors)."""
+        """The sink's counters (published, spooled, replayed, dropped by reason, errors)."""
+        self._stats.dropped_by_reason = {k: v for k, v in self.spool.dropped_by_reason.items() if v}
         self._stats.dropped = self.spool.dropped
         return self._stats
 
@@ -456,19 +476,23 @@ class RedisSink:
             self._stats.errors += 1
             if _is_auth_error(exc):
                 log.error("%s", translate_redis_error(exc, self._url))
-            self.spool.extend(failed)
-            self._stats.spooled += len(failed)
+            self._spool(failed)
             self._mark_down(exc)
+
+    def _spool(self, payloads: list[bytes]) -> None:
+        """Spool payloads (lock held); what the spool cannot keep it counts as dropped."""
+        before = len(self.spool) + self.spool.dropped_by_reason["full"]
+        self.spool.extend(payloads)
+        # Records the cap dropped to make room were spooled earlier; count what landed now.
+        self._stats.spooled += len(self.spool) + self.spool.dropped_by_reason["full"] - before
 
     def _mark_down(self, exc: BaseException) -> None:
         self._up = False
         self._retry_at = time.monotonic() + self._backoff
         if not self._down_logged:
-            log.warning(
-                "Redis at %s is unreachable (%s); spooling events to %s and retrying",
-                self.url, mask_text(str(exc)) or type(exc).__name__, self.spool.directory,
-            )
+            log.warning("%s; spooling events to %s and retrying", _why_down(self.url, exc), self.spool.directory)
             self._down_logged = True
+            self._episode_replayed = 0
         self._wake.notify_all()
 
     def _replay_once(self) -> bool:
@@ -477,11 +501,20 @@ class RedisSink:
             chunk, pos = self.spool.peek(self.batch_size)
             if not chunk:
                 if not self._up:
+                    # Nothing to replay, and Redis has not answered since it went down: ask it.
+                    if self._down_logged and not self._answered and not self._ping():
+                        return False
                     self._up = True
                     self._backoff = self.retry_min_s
                     if self._down_logged:
-                        log.warning("Redis at %s answers again; spool replayed, publishing directly", self.url)
+                        log.warning("Redis at %s answers again; %d spooled events replayed, publishing directly",
+                                    self.url, self._episode_replayed)
+                    elif self._episode_replayed:
+                        log.info("Redis at %s: replayed %d events spooled by an earlier run",
+                                 self.url, self._episode_replayed)
                     self._down_logged = False
+                    self._answered = False
+                    self._episode_replayed = 0
                 return True
         try:
             self._send(chunk)  # without the main lock: publish() keeps spooling meanwhile
@@ -498,6 +531,29 @@ class RedisSink:
             self.spool.commit(pos)
             self._stats.published += len(chunk)
             self._stats.replayed += len(chunk)
+            self._episode_replayed += len(chunk)
+            self._answered = True
+        return True
+
+    def _ping(self) -> bool:
+        """Whether Redis answers now (used when there is nothing to replay)."""
+        try:
+            with self._io_lock:
+                try:
+                    conn = self._connection()
+                    conn.send_command("PING")
+                    conn.read_response()
+                except BaseException:
+                    self._drop_connection()
+                    raise
+        except Exception as exc:
+            with self._lock:
+                self._stats.errors += 1
+                self._backoff = min(self._backoff * 2, self.retry_max_s)
+                self._retry_at = time.monotonic() + self._backoff
+                log.debug("Redis at %s still unreachable: %s", self.url, mask_text(str(exc)))
+            return False
+        self._answered = True
         return True
 
     def _run(self) -> None:

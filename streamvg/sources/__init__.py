@@ -24,6 +24,7 @@ from typing import Any
 from streamvg.errors import ConfigError, SourceNotFoundError, UnsupportedSourceError
 from streamvg.redaction import mask_url
 from streamvg.sources.base import (
+    DEFAULT_MAX_PIXELS,
     Snap,
     Source,
     SourceInfo,
@@ -37,6 +38,7 @@ from streamvg.sources.files import FileSource
 from streamvg.sources.live import LiveSource, ThreadedSource
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "LIVE_SCHEMES",
     "DeviceSource",
     "FileSource",
@@ -105,6 +107,7 @@ def open_source(
     tolerance_s: float | None = None,
     camera: str | None = None,
     on_status: StatusCallback | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     **options: Any,
 ) -> Source:
     """Open a video file, network stream or capture device as an iterator of `Frame`.
@@ -119,6 +122,8 @@ def open_source(
         camera: Name put on frames and status events (default: from the URI).
         on_status: Called with each `SourceStatus` change (files: "ended"; live:
             "connecting", "up", "down", "stalled", and "ended" when giving up).
+        max_pixels: Frames with more pixels are downscaled on decode to at most this many,
+            aspect kept (None = never; default 3840×2160, `sampling.max_frame_pixels`).
         **options: Backend options. Files: `backend` ("pyav" | "decord" | "auto"),
             `threads`, `batch_size`. Live and devices: `queue_size`, `stall_timeout_s`,
             `open_timeout_s`, `backoff_initial_s`, `backoff_max_s`, `max_reconnects`
@@ -151,7 +156,8 @@ def open_source(
                 field="sources.options",
             )
         path = text[len("file://"):] if text.lower().startswith("file://") else text
-        return FileSource(path, fps=fps, snap=snap, tolerance_s=tolerance_s, camera=cam, on_status=on_status, **options)
+        return FileSource(path, fps=fps, snap=snap, tolerance_s=tolerance_s, camera=cam, on_status=on_status,
+                          max_pixels=max_pixels, **options)
 
     threaded = {k: options.pop(k) for k in list(options) if k in _THREADED_KEYS}
     if "reconnect" in options and not options.pop("reconnect"):
@@ -171,7 +177,9 @@ def open_source(
             )
         cv_options = {_DEVICE_KEYS[k]: v for k, v in options.items()}
         device: str | int = int(text) if text.isdigit() else text
-        return DeviceSource(device, camera=cam, on_status=on_status, fps=fps, cv_options=cv_options, **threaded).start()
+        return DeviceSource(device, camera=cam, on_status=on_status, fps=fps, cv_options=cv_options,
+                            max_pixels=max_pixels, **threaded).start()
     av_options = dict(options.pop("av_options", None) or {})
     av_options.update(options)
-    return LiveSource(text, camera=cam, on_status=on_status, fps=fps, av_options=av_options, **threaded).start()
+    return LiveSource(text, camera=cam, on_status=on_status, fps=fps, av_options=av_options,
+                      max_pixels=max_pixels, **threaded).start()

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from streamvg.types import Frame
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "Snap",
     "Source",
     "SourceInfo",
@@ -24,11 +25,55 @@ __all__ = [
     "SourceStats",
     "SourceStatus",
     "StatusCallback",
+    "fit_within",
+    "lowres_for",
 ]
 
 log = logging.getLogger("streamvg.sources")
 
 Snap = Literal["exact", "keyframe"]
+
+#: Frames with more pixels than this are downscaled on decode (3840×2160, 4K UHD). Models
+#: resize to far less anyway; the guard keeps a huge frame (a 16000×16000 MJPEG is 768 MB in
+#: RGB) from costing gigabytes before anything looks at it.
+DEFAULT_MAX_PIXELS = 3840 * 2160
+
+# Decoders that can decode at 1/2, 1/4, 1/8 size (FFmpeg's `lowres`), never holding the
+# full-size picture: the deepest reduction each supports.
+_LOWRES_MAX = {"mjpeg": 3}
+
+
+def fit_within(width: int, height: int, max_pixels: int | None) -> tuple[int, int]:
+    """The size `width`×`height` scaled down to at most `max_pixels` pixels, aspect kept.
+
+    Unchanged when it already fits (or `max_pixels` is None); otherwise both sides shrink by
+    the same factor and are rounded down to even numbers (what YUV 4:2:0 scalers want).
+
+    Example:
+        >>> fit_within(16000, 16000, 3840 * 2160)
+        (2880, 2880)
+        >>> fit_within(1280, 720, 3840 * 2160)
+        (1280, 720)
+    """
+    if max_pixels is None or width * height <= max_pixels:
+        return width, height
+    scale = (max_pixels / (width * height)) ** 0.5
+    return max(2, int(width * scale) // 2 * 2), max(2, int(height * scale) // 2 * 2)
+
+
+def lowres_for(codec: str, width: int, height: int, max_pixels: int | None) -> int:
+    """FFmpeg `lowres` level (0 = full size) that decodes a too-big frame at a reduced size.
+
+    The deepest level whose picture still has at least `max_pixels` pixels, so the final
+    resize to `max_pixels` loses nothing a full-size decode would have kept; 0 for codecs
+    without `lowres` support (they decode at full size and are resized after).
+    """
+    if max_pixels is None or width * height <= max_pixels:
+        return 0
+    level = 0
+    while level < _LOWRES_MAX.get(codec, 0) and (-(-width >> (level + 1))) * (-(-height >> (level + 1))) >= max_pixels:
+        level += 1
+    return level
 SourceState = Literal["connecting", "up", "down", "stalled", "ended"]
 
 
@@ -89,6 +134,9 @@ class SourceInfo:
         keyframe_interval_s: Median time between keyframes (files), None when unknown.
         frames: Number of frames in a file, None when unknown.
         backend: Which reader decodes: "pyav", "decord" or "opencv".
+        timestamps: Where a file's frame times come from: "container" (its `pts`),
+            "best_effort" (FFmpeg's best-effort times, carried across restarts: the
+            container's could not be trusted) or "frame_index" (none stored: index / fps).
     """
 
     codec: str = ""
@@ -99,6 +147,7 @@ class SourceInfo:
     keyframe_interval_s: float | None = None
     frames: int | None = None
     backend: str = ""
+    timestamps: str = "container"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from streamvg.errors import SourceError
-from streamvg.sources.base import StatusCallback
+from streamvg.sources.base import StatusCallback, fit_within
 from streamvg.sources.live import ThreadedSource, _Connection
 
 __all__ = ["DeviceSource"]
@@ -99,4 +99,8 @@ class DeviceSource(ThreadedSource):
     def _to_rgb(self, raw: Any) -> np.ndarray:
         import cv2
 
+        h, w = raw.shape[:2]
+        size = fit_within(int(w), int(h), self.max_pixels)
+        if size != (w, h):  # resize the BGR frame first: the colour conversion then is small
+            raw = cv2.resize(raw, size, interpolation=cv2.INTER_AREA)
         return np.asarray(cv2.cvtColor(raw, cv2.COLOR_BGR2RGB))

@@ -34,7 +34,14 @@ import numpy as np
 
 from streamvg.errors import SourceError, SourceTimeoutError
 from streamvg.redaction import mask_text
-from streamvg.sources.base import Source, SourceState, StatusCallback
+from streamvg.sources.base import (
+    DEFAULT_MAX_PIXELS,
+    Source,
+    SourceState,
+    StatusCallback,
+    fit_within,
+    lowres_for,
+)
 from streamvg.types import Frame
 
 __all__ = ["LiveSource", "ThreadedSource"]
@@ -77,6 +84,9 @@ class ThreadedSource(Source):
         backoff_max_s: Cap of the reconnect wait.
         max_reconnects: Failed attempts in a row before giving up (None = retry forever);
             giving up raises `SourceError` from the iterator.
+        max_pixels: Frames with more pixels are downscaled to at most this many, aspect
+            kept, when handed out (None = never; default 3840×2160); MJPEG streams decode
+            straight at a reduced size.
     """
 
     def __init__(
@@ -92,8 +102,12 @@ class ThreadedSource(Source):
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 10.0,
         max_reconnects: int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         super().__init__(uri_masked, camera, on_status)
+        if max_pixels is not None and max_pixels < 1:
+            raise ValueError(f"max_pixels must be a positive number of pixels or None, got {max_pixels}")
+        self.max_pixels = max_pixels
         if fps is not None and not fps > 0:
             raise ValueError(f"fps must be positive or None, got {fps}")
         if queue_size < 1:
@@ -367,10 +381,17 @@ class LiveSource(ThreadedSource):
         rate = s.average_rate or s.guessed_rate
         self.info.codec, self.info.width, self.info.height = cc.name, int(cc.width), int(cc.height)
         self.info.fps = float(rate) if rate else None
+        level = lowres_for(cc.name, int(cc.width), int(cc.height), self.max_pixels)
+        if level:  # huge MJPEG camera frames: decode small from the start
+            cc.options = {**dict(cc.options or {}), "lowres": str(level)}
         return _AVConnection(container, self.stall_timeout_s)
 
     def _to_rgb(self, raw: Any) -> np.ndarray:
-        return np.asarray(raw.to_ndarray(format="rgb24"))
+        w, h = fit_within(int(raw.width), int(raw.height), self.max_pixels)
+        if (w, h) == (raw.width, raw.height):
+            return np.asarray(raw.to_ndarray(format="rgb24"))
+        # Downscale inside the RGB conversion: no full-size RGB copy is made.
+        return np.asarray(raw.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray())
 
     def _is_timeout(self, exc: BaseException) -> bool:
         import av

@@ -44,21 +44,29 @@ def wait_until(
 
 
 class RedisServer:
-    """A private `redis-server` process (no persistence) that a test can kill and restart.
+    """A private `redis-server` process that a test can kill and restart (no persistence,
+    or with `persistent=True` an fsync-always append-only file that survives kill -9).
 
     Example:
         with RedisServer(password="pw") as srv:
             url = srv.url            # redis://:pw@127.0.0.1:PORT/0
-            srv.kill(); srv.start()  # same port, empty data
+            srv.kill(); srv.start()  # same port, empty data (persistent: same data)
     """
 
-    def __init__(self, *, port: int | None = None, password: str | None = None) -> None:
+    def __init__(
+        self, *, port: int | None = None, password: str | None = None, persistent: bool = False, persist: bool = False
+    ) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed; install Debian's redis-server package")
         self.exe = exe
         self.port = port or free_port()
         self.password = password
+        # persistent (or its alias persist): an append-only file synced on every write, so a
+        # kill -9 and restart keeps every acknowledged write (as a production Redis with
+        # appendfsync always); delivery tests count what reached Redis.
+        self.persistent = persistent or persist
+        self.persist = self.persistent
         self._dir = Path(tempfile.mkdtemp(prefix="streamvg-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -82,8 +90,10 @@ class RedisServer:
             return self
         args = [
             self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(self._dir), "--daemonize", "no",
+            "--appendonly", "yes" if self.persistent else "no", "--dir", str(self._dir), "--daemonize", "no",
         ]
+        if self.persistent:
+            args += ["--appendfsync", "always"]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

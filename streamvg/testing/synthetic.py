@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -46,7 +47,19 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["PTS_TIME_BASE", "CameraSpec", "ObjectSpec", "Scene", "replay_records", "write_scene"]
+__all__ = [
+    "PTS_TIME_BASE",
+    "CameraSpec",
+    "GroundTruthEngine",
+    "ObjectSpec",
+    "Scene",
+    "cross_camera_objects",
+    "cross_camera_specs",
+    "identity_scores",
+    "replay_records",
+    "truth_boxes",
+    "write_scene",
+]
 
 #: Time base of every synthetic video (90 kHz, the MPEG clock): frame times are whole ticks.
 PTS_TIME_BASE = Fraction(1, 90000)
@@ -450,3 +463,316 @@ def replay_records(
             ]
             out.append({"camera": cam, "pts": float(fr["pts"]), "query": query, "boxes": boxes})
     return out
+
+
+# --- cross-camera worlds and a ground-truth "model" ----------------------------------------
+
+
+def cross_camera_specs(
+    width: int, height: int, *, n: int = 3, start_s: Sequence[float] = (0.0, 1.0, 2.0)
+) -> list[CameraSpec]:
+    """`n` cameras over one world with different offsets, zooms and start times.
+
+    Camera k looks at a shifted part of the world (so objects enter and leave each view at
+    different moments) with zoom 1.0, 1.15, 1.3, … and starts at scene time `start_s[k]`
+    (its PTS 0), so the files' media clocks differ by those seconds.
+    """
+    specs = []
+    for k in range(n):
+        dx = (0.0, 0.18, -0.12, 0.08)[k % 4] * width
+        dy = (0.0, 0.1, 0.16, -0.08)[k % 4] * height
+        specs.append(CameraSpec(f"cam{k}", offset=(dx, dy), scale=1.0 + 0.15 * (k % 3),
+                                start_s=float(start_s[k % len(start_s)])))
+    return specs
+
+
+def cross_camera_objects(width: int, height: int, duration_s: float, *, n: int = 5, seed: int = 0) -> list[ObjectSpec]:
+    """`n` shapes for cross-camera scenes: distinct colours, walking pace (a tenth of the
+    frame's short side per second or less, so a 2–5 fps tracker follows them), most
+    bouncing; one enters a third of the way in and one leaves the world two thirds in."""
+    rng = np.random.default_rng(seed)
+    base = min(width, height)
+    out: list[ObjectSpec] = []
+    for i in range(n):
+        name, color = _PALETTE[i % len(_PALETTE)]
+        shape: Shape = "circle" if i % 2 == 0 else "square"
+        size = float(base * rng.uniform(0.16, 0.22))
+        speed = base * rng.uniform(0.05, 0.1)
+        ang = rng.uniform(0, 2 * math.pi)
+        x = float(rng.uniform(0, width - size))
+        y = float(rng.uniform(0, height - size))
+        enter_s, leave_s = 0.0, None
+        if i == 2:
+            enter_s = duration_s / 3.0
+        elif i == 3:
+            leave_s = 2.0 * duration_s / 3.0
+        out.append(ObjectSpec(i, f"{name} {shape}", color, shape, size, x, y, speed * math.cos(ang),
+                              speed * math.sin(ang), True, enter_s, leave_s))
+    return out
+
+
+def _q(v: float, size: int) -> int:
+    return min(999, max(0, round(v / max(size, 1) * 1000)))
+
+
+class GroundTruthEngine:
+    """A stand-in for GeM-VG that answers from a scene's ground truth, wrong at a set rate.
+
+    It answers both request kinds the way the model does, in the model's own text
+    (Qwen2-VL convention: `Image k: <|box_start|>(x1,y1),(x2,y2)<|box_end|>`, 0–1000
+    relative), and reads its text back with the real parser (`parse_answer`), so prompts,
+    answers and parsing are exercised end to end:
+
+    - **grounding**: the boxes of the objects whose label the query names ("the red circle";
+      a query naming no label means every object) in each image; with probability
+      `wrong_rate` per image, one box is another visible object's (or dropped if none);
+    - **correspondence** (`streamvg.identity.correspondence`): it reads the reference box from
+      the question, finds that object in image 1's ground truth and answers its box in each
+      target image where it is visible; with probability `wrong_rate` per target image, the
+      box of another visible object instead (or none).
+
+    Objects less than `min_visible` unoccluded are not seen (a model cannot see them either).
+
+    Args:
+        ground_truth: `Scene.ground_truth`.
+        wrong_rate: Probability of a wrong answer per image.
+        seed: Random seed (same seed, same answers).
+    """
+
+    convention = "qwen2_vl"
+
+    def __init__(
+        self, ground_truth: dict[str, Any], *, wrong_rate: float = 0.0, seed: int = 0,
+        min_visible: float = 0.5, score: float = 0.9, tolerance_s: float = 0.02, name: str = "ground-truth",
+    ) -> None:
+        if not 0.0 <= wrong_rate <= 1.0:
+            raise ValueError(f"wrong_rate must be in [0, 1], got {wrong_rate}")
+        self.name = name
+        self.wrong_rate = wrong_rate
+        self.min_visible = min_visible
+        self.score = score
+        self.tolerance_s = tolerance_s
+        self._seed = int(seed)
+        self._rng = np.random.default_rng(seed)
+        self._frames: dict[str, tuple[list[float], list[dict[str, Any]]]] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}
+        for cam, info in ground_truth["cameras"].items():
+            frs = sorted(info["frames"], key=lambda f: f["pts"])
+            self._frames[cam] = ([float(f["pts"]) for f in frs], frs)
+            self._sizes[cam] = (int(info["width"]), int(info["height"]))
+        self.labels = sorted({o["label"] for info in ground_truth["cameras"].values() for f in info["frames"] for o in f["objects"]})
+        self.requests = {"grounding": 0, "correspondence": 0}
+        self.wrong_answers = 0
+
+    def _objects(self, camera: str, pts: float) -> list[dict[str, Any]]:
+        entry = self._frames.get(camera)
+        if entry is None:
+            return []
+        times, frs = entry
+        import bisect
+
+        i = bisect.bisect_left(times, pts - self.tolerance_s)
+        best = None
+        for j in range(i, min(i + 3, len(times))):
+            if abs(times[j] - pts) <= self.tolerance_s and (best is None or abs(times[j] - pts) < abs(times[best] - pts)):
+                best = j
+        if best is None:
+            return []
+        return [o for o in frs[best]["objects"] if float(o.get("visible", 1.0)) >= self.min_visible]
+
+    def _seed_for(self, frames: Sequence[Any], text: str) -> None:
+        # Answers depend on the request, not on the order requests come in (the pipeline's
+        # batches vary with thread timing), so a run is repeatable.
+        key = "|".join(f"{f.camera}:{f.index}:{f.pts:.4f}" for f in frames) + "|" + text
+        digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+        self._rng = np.random.default_rng([self._seed, digest])
+
+    def _wrong(self) -> bool:
+        if self.wrong_rate > 0 and self._rng.random() < self.wrong_rate:
+            self.wrong_answers += 1
+            return True
+        return False
+
+    def _line(self, k: int, box: Sequence[float], size: tuple[int, int], label: str) -> str:
+        w, h = size
+        return (f"Image {k}: <|object_ref_start|>{label}<|object_ref_end|><|box_start|>"
+                f"({_q(box[0], w)},{_q(box[1], h)}),({_q(box[2], w)},{_q(box[3], h)})<|box_end|>")
+
+    def answer_text(self, frames: Sequence[Any], text: str) -> str:
+        """The answer text for images `frames` (`Frame`s) and question `text`."""
+        import re
+
+        from streamvg.identity.correspondence import is_correspondence
+
+        lines: list[str] = []
+        self._seed_for(frames, text)
+        if is_correspondence(text):
+            self.requests["correspondence"] += 1
+            m = re.search(r"<\|box_start\|>\((\d+),(\d+)\),\((\d+),(\d+)\)<\|box_end\|>", text)
+            ref = frames[0]
+            if m is None:
+                return "None"
+            w, h = ref.size
+            rb = [int(m.group(1)) * w / 1000, int(m.group(2)) * h / 1000, int(m.group(3)) * w / 1000, int(m.group(4)) * h / 1000]
+            objs = self._objects(ref.camera, ref.pts)
+            if not objs:
+                return "None"
+            from streamvg.testing.metrics import iou_matrix
+
+            ious = iou_matrix(np.array([rb]), np.array([o["xyxy"] for o in objs]))[0]
+            if float(ious.max()) < 0.3:
+                return "None"
+            oid = objs[int(np.argmax(ious))]["id"]
+            targets = [int(t) for t in re.findall(r"the (\d+)th image", text.split("Recognize", 1)[-1])]
+            for k in targets:
+                if not 2 <= k <= len(frames):
+                    continue
+                f = frames[k - 1]
+                vis = self._objects(f.camera, f.pts)
+                same = [o for o in vis if o["id"] == oid]
+                others = [o for o in vis if o["id"] != oid]
+                pick = same[0] if same else None
+                if self._wrong():
+                    pick = others[int(self._rng.integers(len(others)))] if others else None
+                if pick is not None:
+                    lines.append(self._line(k, pick["xyxy"], f.size, pick["label"]))
+            return "\n".join(lines) if lines else "None"
+        self.requests["grounding"] += 1
+        low = text.lower()
+        named = [lab for lab in self.labels if lab in low]
+        for k, f in enumerate(frames, start=1):
+            vis = self._objects(f.camera, f.pts)
+            want = [o for o in vis if not named or o["label"] in named]
+            if want and self._wrong():
+                i = int(self._rng.integers(len(want)))
+                others = [o for o in vis if o not in want]
+                if others:
+                    want[i] = others[int(self._rng.integers(len(others)))]
+                else:
+                    want.pop(i)
+            lines.extend(self._line(k, o["xyxy"], f.size, o["label"]) for o in want)
+        return "\n".join(lines) if lines else "None"
+
+    def ground(self, windows: Sequence[Any], query: Any) -> list[Any]:
+        return self.ground_many([(w, query) for w in windows])
+
+    def ground_many(self, requests: Sequence[tuple[Any, Any]]) -> list[Any]:
+        from streamvg.grounding import Grounding
+        from streamvg.grounding.answers import parse_answer_full
+        from streamvg.types import Detections
+
+        out = []
+        for window, query in requests:
+            text = self.answer_text(window.frames, query.text)
+            parsed = parse_answer_full(text, frame_sizes=window.frame_sizes, convention="qwen2_vl")
+            det = parsed.detections
+            det = Detections(det.xyxy, np.full(len(det), self.score, np.float32), det.image_index)
+            out.append(Grounding(window_id=window.id, query_id=query.id, detections=det, raw_text=text,
+                                 reasoning=None, model=self.name, parse_ok=parsed.ok))
+        return out
+
+    def close(self) -> None:
+        return None
+
+
+def truth_boxes(
+    ground_truth: dict[str, Any], *, labels: Sequence[str] | None = None, min_visible: float = 0.5,
+    times: dict[str, set[float]] | None = None,
+) -> dict[tuple[str, float], dict[int, list[float]]]:
+    """`{(camera, pts): {object id: xyxy}}` of the visible objects (cross-camera IDF1's truth).
+
+    `times` keeps only those `pts` per camera (the frames a pipeline sampled), rounded to 4 places.
+    """
+    out: dict[tuple[str, float], dict[int, list[float]]] = {}
+    for cam, info in ground_truth["cameras"].items():
+        for fr in info["frames"]:
+            t = round(float(fr["pts"]), 4)
+            if times is not None and t not in times.get(cam, set()):
+                continue
+            out[(cam, t)] = {
+                int(o["id"]): list(o["xyxy"]) for o in fr["objects"]
+                if (labels is None or o["label"] in labels) and float(o.get("visible", 1.0)) >= min_visible
+            }
+    return out
+
+
+def identity_scores(
+    ground_truth: dict[str, Any],
+    events: Sequence[Any],
+    *,
+    gid_of: Any = None,
+    min_iou: float = 0.5,
+    min_visible: float = 0.5,
+    pure: float = 0.8,
+) -> dict[str, Any]:
+    """Cross-camera identity scores of a run's events against the ground truth.
+
+    Args:
+        ground_truth: `Scene.ground_truth`.
+        events: The run's `Event`s (grounding events say which frames were sampled; track
+            events carry the boxes and `global_id`).
+        gid_of: `(query_id, camera, track_id) -> global_id` to score the final identities
+            (e.g. `IdentityStage.global_id`); None scores the `global_id` each event carried.
+
+    Returns:
+        `{"idf1": …, "merged": [(query_id, global_id, [object ids])], "identities": n,
+        "switched_tracks": n}`: IDF1 with each world object one identity across all cameras
+        (boxes of every query pooled), and the identities that join camera tracks following
+        different objects that exist at the same time (merges). A camera track counts as
+        following an object when at least `pure` of its matched boxes are on it; tracks the
+        camera's tracker swapped between objects are counted apart (`switched_tracks`).
+    """
+    from collections import Counter, defaultdict
+
+    from streamvg.testing.metrics import idf1, iou_matrix
+
+    times: dict[str, set[float]] = defaultdict(set)
+    hyp: dict[tuple[str, float], dict[tuple[str, int], list[float]]] = defaultdict(dict)
+    track_of: dict[tuple[tuple[str, float], tuple[str, int]], tuple[str, str, int]] = {}
+    last_gid: dict[tuple[str, str, int], int] = {}
+    for e in events:
+        if e.kind == "grounding":
+            times[e.camera].add(round(float(e.t), 4))
+        elif e.kind in ("track_start", "track_update") and e.detail is None and e.track_id is not None:
+            gid = gid_of(e.query_id, e.camera, e.track_id) if gid_of is not None else e.global_id
+            key, ident = (e.camera, round(float(e.t), 4)), (str(e.query_id), int(gid if gid is not None else -1 - e.track_id))
+            hyp[key][ident] = list(e.boxes[0]["xyxy"])
+            track_of[(key, ident)] = (str(e.query_id), e.camera, int(e.track_id))
+            last_gid[(str(e.query_id), e.camera, int(e.track_id))] = ident[1]
+    truth = truth_boxes(ground_truth, times=times, min_visible=min_visible)
+    index: dict[tuple[str, int], int] = {}
+    numbered = {k: {index.setdefault(i, len(index)): b for i, b in v.items()} for k, v in hyp.items()}
+    score = idf1(truth, numbered, min_iou=min_iou)  # type: ignore[arg-type]  # (camera, pts) keys
+    # Majority object of each camera track, then the objects each identity holds.
+    follows: dict[tuple[str, str, int], Counter[int]] = defaultdict(Counter)
+    for key, idents in hyp.items():
+        gt = truth.get(key) or {}
+        if not gt:
+            continue
+        ids = list(gt)
+        for ident, box in idents.items():
+            ious = iou_matrix(np.array([box]), np.array([gt[i] for i in ids]))[0]
+            if float(ious.max()) >= min_iou:
+                follows[track_of[(key, ident)]][ids[int(np.argmax(ious))]] += 1
+    span: dict[int, tuple[float, float]] = {}
+    for info in ground_truth["cameras"].values():
+        for fr in info["frames"]:
+            t = float(info["start_s"]) + float(fr["pts"])
+            for o in fr["objects"]:
+                a, b = span.get(int(o["id"]), (t, t))
+                span[int(o["id"])] = (min(a, t), max(b, t))
+    holds: dict[tuple[str, int], set[int]] = defaultdict(set)
+    switched = 0
+    for (q, cam, tid), c in follows.items():
+        gid = gid_of(q, cam, tid) if gid_of is not None else last_gid[(q, cam, tid)]
+        obj, n = c.most_common(1)[0]
+        if n < pure * sum(c.values()):
+            switched += 1  # the camera's tracker swapped objects within this track: not the linker's doing
+            continue
+        holds[(q, int(gid))].add(obj)
+    merged = []
+    for (q, gid), objs in sorted(holds.items()):
+        together = [(a, b) for a in objs for b in objs if a < b and span[a][0] <= span[b][1] and span[b][0] <= span[a][1]]
+        if together:
+            merged.append((q, gid, sorted(objs)))
+    return {"idf1": score, "merged": merged, "identities": len(holds), "switched_tracks": switched}

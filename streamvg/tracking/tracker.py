@@ -16,7 +16,8 @@ overlap and IoU-only trackers (ByteTrack, SORT) break every track. This tracker 
 
 Lifecycle, each transition an event (`pop_events`): tentative → confirmed (`started`) →
 matched again (`updated`) / missed (`lost`, once) → found again (`updated`) or gone for more
-than `max_lost_s` (`ended`). Tentative tracks that miss two updates in a row vanish without
+than `max_lost_s` (`ended`, checked before each update associates, so no box after a longer
+gap takes an old id, however far the filter's gate has grown). Tentative tracks that miss two updates in a row vanish without
 events.
 
 Track state is columnar (one numpy row per track), and `track_id` is written through index
@@ -162,6 +163,9 @@ class Tracker:
     Args:
         config: The settings (`streamvg.config.TrackerConfig`; every field documents its
             unit and trade-off). Defaults hold from 1 to 30 updates per second.
+        interval_s: The expected seconds between updates when known beforehand (the
+            sampler's `1 / fps`), so confirmation is right from the first update; later
+            the measured interval is used.
         **overrides: Fields to change from `config` (or the defaults), e.g.
             `Tracker(max_lost_s=5.0)`; validated like the pipeline file.
 
@@ -180,7 +184,7 @@ class Tracker:
         [0]
     """
 
-    def __init__(self, config: TrackerConfig | None = None, **overrides: Any) -> None:
+    def __init__(self, config: TrackerConfig | None = None, *, interval_s: float | None = None, **overrides: Any) -> None:
         base = config if config is not None else TrackerConfig()
         self.config = base.model_copy(update=overrides) if overrides else base
         if overrides:  # model_copy does not validate
@@ -194,6 +198,9 @@ class Tracker:
         )
         self._gate_d2 = c.gate_sigmas**2
         self._next_id = 0
+        if interval_s is not None and not (math.isfinite(interval_s) and interval_s > 0):
+            raise TrackingError(f"interval_s must be positive seconds, got {interval_s!r}")
+        self._interval_s = interval_s
         self.reset()
 
     # --- state ------------------------------------------------------------------------
@@ -211,6 +218,7 @@ class Tracker:
         self._lost = np.zeros(0, bool)
         self._misses: I64 = np.zeros(0, np.int64)  # consecutive missed updates
         self._t: float | None = None
+        self._dt: float | None = self._interval_s  # the last positive interval between updates
         self._events: list[TrackEvent] = []
         self._next_id = 0
 
@@ -221,6 +229,7 @@ class Tracker:
         meta = {
             "config": self.config.model_dump(mode="json"),
             "t": self._t,
+            "dt": self._dt,
             "next_id": self._next_id,
             "events": [[e.kind, int(e.track_id), float(e.t), float(e.score)] for e in self._events],
         }
@@ -244,6 +253,7 @@ class Tracker:
                     raise ValueError(f"{name} has shape {a.shape} and dtype {a.dtype}, expected {(n, *shape)} {np.dtype(dtype)}")
                 setattr(trk, "_" + name, a.astype(dtype, copy=True))
             trk._t = None if meta["t"] is None else float(meta["t"])
+            trk._dt = None if meta.get("dt") is None else float(meta["dt"])  # absent in older states
             trk._next_id = int(meta["next_id"])
             xyxy = np.asarray(arrays["event_xyxy"], np.float32).reshape(-1, 4)
             if any(e[0] not in _EVENT_KINDS for e in meta["events"]):
@@ -303,8 +313,14 @@ class Tracker:
         """
         t = self._check_time(t)
         dets = self._check_detections(detections)
+        # Tracks unseen for longer than max_lost_s end before association: after a long
+        # gap (a camera outage, a paused stream) a lost track's gate has grown to cover
+        # the frame, and any box would otherwise take its old id.
+        self._end(t - self._last_t > self.config.max_lost_s)
         dt = 0.0 if self._t is None else t - self._t
         self._t = t
+        if dt > 0:
+            self._dt = dt
         self._mean, self._cov = self._kf.predict(self._mean, self._cov, dt)
 
         c = self.config
@@ -443,7 +459,7 @@ class Tracker:
         c = self.config
         matched = np.zeros(len(self._id), bool)
         matched[rows] = True
-        confirm = (self._id[rows] < 0) & (self._hits[rows] >= c.min_confirm_hits)
+        confirm = (self._id[rows] < 0) & (self._hits[rows] >= self._hits_to_confirm())
         n_new = int(confirm.sum())
         self._id[rows[confirm]] = np.arange(self._next_id, self._next_id + n_new)
         self._next_id += n_new
@@ -470,6 +486,16 @@ class Tracker:
         gone = ~matched & (((self._id < 0) & (self._misses > _TENTATIVE_MISSES)) | (t - self._last_t > c.max_lost_s))
         self._end(gone)
         return out_rows, out_ids
+
+    def _hits_to_confirm(self) -> int:
+        """Hits a new track needs: `min_confirm_hits`, fewer when updates are sparse.
+
+        As many hits as updates fit in `confirm_s` (plus the first), capped by
+        `min_confirm_hits`: two at 25 updates/s with the defaults, one below 10."""
+        c = self.config
+        if self._dt is None or c.confirm_s <= 0:
+            return c.min_confirm_hits
+        return max(1, min(c.min_confirm_hits, 1 + math.floor(c.confirm_s / self._dt + 1e-9)))
 
     def _end(self, gone: NDArray[np.bool_]) -> None:
         if not gone.any():
