@@ -51,6 +51,7 @@ __all__ = [
     "IdentityConfig",
     "JsonlSinkConfig",
     "MetricsConfig",
+    "MqttSinkConfig",
     "PipelineConfig",
     "QueryConfig",
     "RedisSinkConfig",
@@ -388,11 +389,24 @@ class JsonlSinkConfig(_Model):
     )
 
 
+class MqttSinkConfig(_Model):
+    """Publish events to an MQTT broker (Home Assistant, Frigate, Node-RED)."""
+
+    url: str = Field(description="mqtt://[user:password@]host:1883, or mqtts:// for TLS.")
+    topic: str = Field(default="streamvg/{pipeline}/events", description="Topic template: {pipeline}, {camera}, {kind}, {query_id}.")
+    qos: int = Field(default=1, ge=0, le=2, description="0 (fire and forget), 1 (acknowledged, at least once) or 2.")
+    retain: bool = Field(default=False, description="Broker keeps the last event per topic for new subscribers.")
+    client_id: str | None = Field(default=None, description="MQTT client id; default streamvg-{pipeline}-{random}.")
+    spool_dir: str = Field(default=".streamvg-spool", description="On-disk spool (folder mqtt/{pipeline} inside it).")
+    spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="Spool size cap; oldest events dropped (and counted) beyond it.")
+
+
 class SinksConfig(_Model):
     """Where events go. Without a Redis URL the embedded default writes JSONL."""
 
     redis: RedisSinkConfig | None = Field(default=None, description="Redis Streams + pub/sub sink.")
     jsonl: JsonlSinkConfig | None = Field(default=None, description="JSON-lines sink.")
+    mqtt: MqttSinkConfig | None = Field(default=None, description="MQTT sink.")
 
 
 class ControlConfig(_Model):
@@ -523,6 +537,8 @@ class PipelineConfig(BaseSettings):
             src["uri"] = mask_url(src["uri"])
         if data["sinks"].get("redis"):
             data["sinks"]["redis"]["url"] = mask_url(data["sinks"]["redis"]["url"])
+        if data["sinks"].get("mqtt"):
+            data["sinks"]["mqtt"]["url"] = mask_url(data["sinks"]["mqtt"]["url"])
         if data["engine"].get("api_key"):
             data["engine"]["api_key"] = "***"
         if data["engine"].get("base_url"):

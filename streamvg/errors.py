@@ -14,7 +14,8 @@ StreamVGError                 anything StreamVG raises on purpose (a user-facing
 │   └── AnswerParseError      a model answer could not be parsed (counted, window skipped)
 ├── TrackingError             boxes or times given to a tracker are unusable (also ValueError)
 └── PublishError              events could not be published
-    └── RedisAuthError        Redis refused the credentials
+    ├── RedisAuthError        Redis refused the credentials
+    └── MqttAuthError         an MQTT broker refused the credentials
 ```
 
 Every message is one sentence that names the input, says what is wrong and what to do.
@@ -32,6 +33,7 @@ __all__ = [
     "GroundingCancelled",
     "GroundingError",
     "ModelLoadError",
+    "MqttAuthError",
     "PublishError",
     "RedisAuthError",
     "SourceError",
@@ -122,3 +124,7 @@ class PublishError(StreamVGError):
 
 class RedisAuthError(PublishError):
     """Redis refused the username/password given in the URL."""
+
+
+class MqttAuthError(PublishError):
+    """An MQTT broker refused the username/password given in the URL."""

@@ -292,6 +292,56 @@ class Detections:
             for i in range(len(xy))
         ]
 
+    # --- supervision interop ----------------------------------------------------------
+
+    def to_supervision(self, class_id: NDArray[np.int64] | Sequence[int] | None = None) -> Any:
+        """These boxes as a `supervision.Detections`, so its annotators and tools apply.
+
+        `xyxy` → `xyxy`, `score` → `confidence`, `track_id` → `tracker_id` (−1 stays −1,
+        "not tracked"), `image_index` → `data["image_index"]`. supervision's annotators
+        colour by class by default, so `class_id` is all zeros unless given; colour by
+        track with `sv.ColorLookup.TRACK`.
+
+        Raises:
+            ImportError: supervision is not installed (`pip install 'streamvg[supervision]'`).
+
+        Example:
+            >>> d = Detections(xyxy=np.array([[0, 0, 10, 10]]), score=np.array([0.5]), track_id=np.array([3]))
+            >>> sv = d.to_supervision()
+            >>> sv.tracker_id.tolist(), Detections.from_supervision(sv) == d
+            ([3], True)
+        """
+        sv = _supervision()
+        n = len(self)
+        cid = np.zeros(n, dtype=np.int64) if class_id is None else np.asarray(class_id, dtype=np.int64)
+        if cid.shape != (n,):
+            raise ValueError(f"class_id must have shape ({n},), got {cid.shape}")
+        return sv.Detections(
+            xyxy=self.xyxy.copy(), confidence=self.score.copy(), class_id=cid,
+            tracker_id=self.track_id.copy(), data={"image_index": self.image_index.copy()},
+        )
+
+    @classmethod
+    def from_supervision(cls, detections: Any) -> Detections:
+        """Build from a `supervision.Detections` (the inverse of `to_supervision`).
+
+        Missing columns take StreamVG's defaults: `confidence` None → score 1.0,
+        `tracker_id` None → −1, no `data["image_index"]` → 0. `class_id`, masks and other
+        `data` columns have no StreamVG counterpart and are left out.
+        """
+        xyxy = getattr(detections, "xyxy", None)
+        if xyxy is None:
+            raise TypeError(f"from_supervision needs a supervision.Detections, got {type(detections).__name__}")
+        data = getattr(detections, "data", None) or {}
+        image_index = data.get("image_index")
+        # None columns take the defaults in __post_init__ (typed as arrays for callers).
+        columns: dict[str, Any] = {
+            "score": None if detections.confidence is None else np.asarray(detections.confidence, dtype=np.float32),
+            "image_index": None if image_index is None else np.asarray(image_index, dtype=np.int64),
+            "track_id": None if detections.tracker_id is None else np.asarray(detections.tracker_id, dtype=np.int64),
+        }
+        return cls(xyxy=np.asarray(xyxy, dtype=np.float32).reshape(-1, 4), **columns)
+
     # --- access ---------------------------------------------------------------------
 
     def __len__(self) -> int:
@@ -348,3 +398,13 @@ class Detections:
                 f"{what}: box {bad} has x2 < x1 or y2 < y1: {self.xyxy[bad].tolist()}; "
                 "boxes must be x1, y1, x2, y2 with x1 <= x2 and y1 <= y2"
             )
+
+
+def _supervision() -> Any:
+    try:
+        import supervision
+    except ImportError:
+        raise ImportError(
+            "Detections.to_supervision needs the supervision package; pip install 'streamvg[supervision]'"
+        ) from None
+    return supervision

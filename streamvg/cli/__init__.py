@@ -43,6 +43,7 @@ _COMMAND_MODULES: list[str] = [
     "probe",
     "ground",
     "run",
+    "annotate",
     "eval",
 ]
 

@@ -23,6 +23,7 @@ from streamvg.errors import (
     ConfigError,
     EngineUnavailableError,
     ModelLoadError,
+    MqttAuthError,
     RedisAuthError,
     SourceNotFoundError,
     StreamVGError,
@@ -61,6 +62,7 @@ FailureKind = Literal["unreadable", "windows_failed", "unparseable", "engine_sto
 # other StreamVG errors happened while working (exit 1).
 _USAGE_ERRORS: tuple[type[StreamVGError], ...] = (
     ConfigError, SourceNotFoundError, UnsupportedSourceError, ModelLoadError, EngineUnavailableError, RedisAuthError,
+    MqttAuthError,
 )
 
 

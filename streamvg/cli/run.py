@@ -111,6 +111,9 @@ def search(
     thumbnails: Annotated[Path | None, typer.Option(help="Write one JPEG per segment, box drawn, into this folder.")] = None,
     events: Annotated[Path | None, typer.Option(help="Also write every event (groundings, tracks) as JSONL here.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the segments as JSON on stdout (no table, no progress).")] = False,
+    clips: Annotated[Path | None, typer.Option(help="Write one MP4 per segment (box and track id drawn, 1 s before/after) into this folder.")] = None,
+    report: Annotated[Path | None, typer.Option(help="Write a self-contained HTML report (cards per segment, timelines per video) to this file.")] = None,
+    mot: Annotated[Path | None, typer.Option(help="Write MOTChallenge files (frame,id,x,y,w,h,score,-1,-1,-1), one per video and query, into this folder.")] = None,
     cross_camera: Annotated[bool, typer.Option(
         "--cross-camera", help="The files are cameras covering the same time: ground one frame per camera at "
         "each instant and give the same object one global id across them (global tracks).")] = False,
@@ -163,6 +166,7 @@ def search(
                     log_errors=False)  # the summary below reports them
     summary = _run_with_progress(pipe, names, files, show=not json_out)
     segments = summary.segments
+    _write_results(summary, names, files, cfg, clips=clips, report=report, mot=mot, quiet=json_out)
     failures = outcome.run_failures(summary)
     if out is not None:
         try:
@@ -262,6 +266,34 @@ def _global_tracks_table(tracks: list[Any]) -> Table:
     for g in tracks:
         table.add_row(str(g.global_id), g.query, str(len(g.cameras)), g.summary())
     return table
+
+
+def _write_results(
+    summary: RunSummary, names: list[str], files: list[Path], cfg: PipelineConfig, *,
+    clips: Path | None, report: Path | None, mot: Path | None, quiet: bool,
+) -> None:
+    """`search --clips / --report / --mot`: files people look at, written after the run
+    (also after Ctrl-C or an engine failure: what was found is kept)."""
+    if clips is None and report is None and mot is None:
+        return
+    from streamvg import reports
+
+    segments = summary.segments
+    clip_paths: list[Path | None] | None = None
+    if clips is not None:
+        clip_paths = reports.write_clips(segments, clips)
+        if not quiet:
+            err_console.print(f"{sum(p is not None for p in clip_paths)} clip(s) written to {clips}")
+    if mot is not None:
+        written = reports.write_mot(segments, mot, [(n, q.id) for n in names for q in cfg.queries])
+        if not quiet:
+            err_console.print(f"{len(written)} MOTChallenge file(s) written to {mot}")
+    if report is not None:
+        videos = reports.videos_from_summary(summary.cameras, {n: str(f) for n, f in zip(names, files, strict=True)})
+        reports.write_report(report, segments, videos=videos, queries=[(q.id, q.text) for q in cfg.queries],
+                             clips=clip_paths)
+        if not quiet:
+            err_console.print(f"report written to {report}")
 
 
 def _run_with_progress(pipe: Pipeline, names: list[str], files: list[Path], *, show: bool) -> RunSummary:
@@ -382,7 +414,7 @@ def monitor(
     if not cfg.sources:
         raise ConfigError(f"{pipeline_file}: sources: no cameras configured; add at least one under sources:")
     preflight.check_pipeline(cfg, str(pipeline_file))
-    if cfg.sinks.redis is None and cfg.sinks.jsonl is None:
+    if cfg.sinks.redis is None and cfg.sinks.jsonl is None and cfg.sinks.mqtt is None:
         err_console.print("no Redis URL configured: writing events to streamvg-events.jsonl")
     try:
         pipe = Pipeline(cfg, metrics_port=metrics_port)

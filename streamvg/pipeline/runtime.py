@@ -751,13 +751,19 @@ def _close_quietly(src: Any) -> None:
 
 
 def default_sinks(config: PipelineConfig) -> list[Sink]:
-    """Redis when configured, JSONL when configured, JSONL `streamvg-events.jsonl` otherwise."""
+    """Redis, JSONL and MQTT as configured; JSONL `streamvg-events.jsonl` when none is."""
     sinks: list[Sink] = []
     r = config.sinks.redis
     if r is not None:
         sinks.append(RedisSink(r.url, config.name, maxlen=r.maxlen, spool_dir=r.spool_dir, stream=r.stream, spool_max_bytes=r.spool_max_bytes))
     if config.sinks.jsonl is not None:
         sinks.append(JsonlSink(config.sinks.jsonl.path, fsync=config.sinks.jsonl.fsync))
+    m = config.sinks.mqtt
+    if m is not None:
+        from streamvg.sinks.mqtt import MqttSink  # paho-mqtt is an optional extra
+
+        sinks.append(MqttSink(m.url, config.name, topic=m.topic, qos=m.qos, retain=m.retain, client_id=m.client_id,
+                              spool_dir=m.spool_dir, spool_max_bytes=m.spool_max_bytes))
     if not sinks:
         sinks.append(JsonlSink("streamvg-events.jsonl"))
     return sinks

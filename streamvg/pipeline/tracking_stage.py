@@ -34,6 +34,10 @@ class Segment:
     """One appearance of a tracked object: a track of one query in one video/camera.
 
     Times are media seconds. `best_*` describe the highest-scoring box of the track.
+    `boxes` holds every box the track had, in time order, as
+    `(t, frame_index, [x1, y1, x2, y2], score)` (media s, source frame number, frame
+    pixels): what clips and MOTChallenge exports draw and write. It is not in `to_json`
+    (a few dozen bytes per sampled frame).
     """
 
     camera: str
@@ -50,6 +54,7 @@ class Segment:
     thumbnail: str | None = None
     global_id: int | None = None  # cross-camera identity (identity on), else None
     best_frame: np.ndarray | None = field(default=None, repr=False, compare=False)
+    boxes: list[tuple[float, int, list[float], float]] = field(default_factory=list, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -343,7 +348,9 @@ class TrackingStage:
                     query=query.text, track_id=tid, start_s=start, end_s=frame.pts, best_t=frame.pts,
                     best_xyxy=tracked.xyxy[i].tolist(), best_score=score, best_frame=frame.image,
                 )
+                self._segments[key].boxes.append((frame.pts, frame.index, tracked.xyxy[i].tolist(), score))
             else:
+                seg.boxes.append((frame.pts, frame.index, tracked.xyxy[i].tolist(), score))
                 seg.end_s = max(seg.end_s, frame.pts)
                 seg.hits += 1
                 if score > seg.best_score:

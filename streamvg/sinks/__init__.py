@@ -84,6 +84,12 @@ def create_sink(config: SinksConfig, pipeline: str) -> Sink:
                 spool_max_bytes=r.spool_max_bytes, stream=r.stream,
             )
         )
+    if config.mqtt is not None:
+        from streamvg.sinks.mqtt import MqttSink  # paho-mqtt is an optional extra
+
+        m = config.mqtt
+        sinks.append(MqttSink(m.url, pipeline, topic=m.topic, qos=m.qos, retain=m.retain, client_id=m.client_id,
+                              spool_dir=m.spool_dir, spool_max_bytes=m.spool_max_bytes))
     if config.jsonl is not None or not sinks:
         path = config.jsonl.path if config.jsonl is not None else "streamvg-events.jsonl"
         sinks.append(JsonlSink(path, fsync=config.jsonl.fsync if config.jsonl is not None else False))
