@@ -22,7 +22,8 @@ Conventions (`convention=`):
 - `qwen2_vl`: every value on the 0–1000 grid;
 - `relative`: every value already in 0–1;
 - `qwen2_5_vl`: absolute pixels of the image as the model saw it (Qwen2.5-VL); needs each
-  answer's `frame_sizes` and `input_sizes`, which `--model` runs record;
+  answer's `frame_sizes` and `input_sizes`, which `--model` runs record (a box that names no
+  image is read in the first image's pixels);
 - `auto`: `qwen2_5_vl` for answers recorded with that convention and sizes, else `migician`.
 """
 
@@ -110,12 +111,9 @@ def answer_box(
                 "convention qwen2_5_vl needs each answer's frame_sizes and input_sizes (recorded by --model runs); "
                 "use --convention migician for answers on the 0-1000 grid"
             )
-        parsed = parse_answer_full(text, frame_sizes=frame_sizes, input_sizes=input_sizes, convention="qwen2_5_vl")
-        det = parsed.detections
-        if not len(det):
-            det = parse_answer_full(
-                text, frame_sizes=frame_sizes[:1], input_sizes=input_sizes[:1], convention="qwen2_5_vl"
-            ).detections
+        det = parse_answer_full(
+            text, frame_sizes=frame_sizes, input_sizes=input_sizes, convention="qwen2_5_vl", default_image=0
+        ).detections
         if not len(det):
             return None
         k = int(det.image_index[0])
@@ -125,11 +123,11 @@ def answer_box(
     if convention not in ("migician", "qwen2_vl", "relative"):
         raise ConfigError(f"convention {convention!r} is unknown; use one of {', '.join(CONVENTIONS)}")
     # Numbers as written: on a 1000×1000 canvas with the 0–1000 convention they come back
-    # unscaled (corners ordered, clamped to 0..1000). Boxes naming an image are kept by the
-    # n-image parse; an answer whose boxes name no image is read again as one image.
-    box = _first(parse_answer_full(text, frame_sizes=[_GRID] * n, convention="qwen2_vl").detections.xyxy)
-    if box is None and n > 1:
-        box = _first(parse_answer_full(text, frame_sizes=[_GRID], convention="qwen2_vl").detections.xyxy)
+    # unscaled (corners ordered, clamped to 0..1000). The benchmark scores the first box
+    # whatever image it names, so a box that names none is kept too (default_image).
+    box = _first(
+        parse_answer_full(text, frame_sizes=[_GRID] * n, convention="qwen2_vl", default_image=0).detections.xyxy
+    )
     if box is None:
         return None
     if convention == "qwen2_vl":
