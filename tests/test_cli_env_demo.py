@@ -130,3 +130,25 @@ def test_demo_hint_prints_what_the_demo_published_and_ends(tmp_path: Path, monke
     shipped = load_pipeline(ROOT / "pipelines" / "demo.yaml")
     assert shipped.model_dump() == ran.model_dump(), "pipelines/demo.yaml is what `streamvg demo` runs"
     assert "streamvg-demo/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_engine_export_and_ground_read_the_model_from_the_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "no-such-model"
+    monkeypatch.setenv("STREAMVG_ENGINE__MODEL", str(missing))
+    code = main(["engine", "export", "--out", str(tmp_path / "eng")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(missing) in err and "Traceback" not in err
+    # A flag given wins over the variable.
+    code = main(["engine", "export", "--out", str(tmp_path / "eng"), "--model", str(tmp_path / "other")])
+    err = capsys.readouterr().err
+    assert code == 2 and "other" in err and str(missing) not in err
+    picture = tmp_path / "a.png"
+    import cv2
+    import numpy as np
+
+    cv2.imwrite(str(picture), np.zeros((32, 32, 3), np.uint8))
+    code = main(["ground", str(picture), "-q", "the cup"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(missing) in err

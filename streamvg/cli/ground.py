@@ -67,8 +67,8 @@ def ground(
     ] = None,
     annotate_out: Annotated[Path | None, typer.Option("--annotate", help="Write the pictures with their boxes to this file.")] = None,
     device: Annotated[str, typer.Option("--device", help="'auto', 'cpu', 'cuda', 'cuda:1'.")] = "auto",
-    max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Largest model input per image, in pixels.")] = 448 * 448,
-    min_pixels: Annotated[int, typer.Option("--min-pixels", min=1, help="Smallest model input per image, in pixels.")] = 56 * 56,
+    max_pixels: Annotated[int | None, typer.Option("--max-pixels", min=1, help="Largest model input per image, in pixels (default: the checkpoint's).", show_default=False)] = None,
+    min_pixels: Annotated[int | None, typer.Option("--min-pixels", min=1, help="Smallest model input per image, in pixels (default: the checkpoint's).", show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Answer length cap, in tokens.")] = 256,
     convention: Annotated[str, typer.Option("--convention", help="Box convention: auto, qwen2_vl, qwen2_5_vl.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
@@ -107,6 +107,9 @@ def ground(
         raise typer.Exit(EXIT_FAILURES) from exc
     finally:
         engine.close()
+    if result.error is not None:  # the engine could not run this window (a refused picture, out of memory)
+        typer.echo(f"error: {result.error}", err=True)
+        raise typer.Exit(EXIT_FAILURES)
     records = result.detections.to_records()
     for r in records:
         r.pop("track_id", None)
