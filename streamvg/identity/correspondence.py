@@ -252,8 +252,11 @@ def parse_correspondence(
     convention: Convention = "qwen2_vl",
 ) -> dict[str, Box | None]:
     """`read_answer` of a raw model answer, parsed with `parse_answer` (never raises on it)."""
+    # With one camera to search, a box that names no image goes to image 0, where
+    # `read_answer` tells an echo of the reference box from the target's box; with several,
+    # such a box is ambiguous and left out.
     parsed = parse_answer_full(text, frame_sizes=request.window.frame_sizes, input_sizes=input_sizes,
-                               convention=convention)
+                               convention=convention, default_image=0 if len(request.targets) == 1 else None)
     return read_answer(request, parsed.detections)
 
 
