@@ -53,8 +53,9 @@ def test_missing_device_is_one_sentence_and_close_is_prompt() -> None:
     # ...or, reconnecting (the default), reported down, retried with backoff, closed at once.
     statuses.clear()
     src = open_source(97, backoff_initial_s=30, on_status=statuses.append)
-    wait_until(lambda: src.state == "down", timeout=10, what="device down")
-    assert "could not be opened" in statuses[-1].detail
+    # The reader sets its state, then reports it: wait for the report itself.
+    wait_until(lambda: any(s.state == "down" for s in statuses), timeout=10, what="device reported down")
+    assert "could not be opened" in next(s for s in statuses if s.state == "down").detail
     t0 = time.monotonic()
     src.close()
     assert time.monotonic() - t0 < 2.0
