@@ -10,7 +10,7 @@ import json
 import logging
 import threading
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
@@ -129,16 +129,8 @@ class TrackingStage:
         dets = g.detections
         if query.min_score > 0 and len(dets):
             dets = dets[dets.score >= query.min_score]
-        order = sorted(range(len(window.frames)), key=lambda k: window.frames[k].pts)
         with self._lock:
-            for k in order:
-                frame = window.frames[k]
-                key = (frame.camera, query.id)
-                last = self._last_fed.get(key)
-                if last is not None and frame.pts <= last:
-                    # Already fed through an overlapping window. Sources keep media time
-                    # non-decreasing, across live reconnects too, so nothing is skipped.
-                    continue
+            for k, frame, key in self._unfed_frames(window, query):
                 frame_dets = dets[dets.image_index == k] if len(dets) else dets
                 self._last_answer[key] = (frame_dets, g.model)
                 self._publish(Event.grounding(
@@ -146,10 +138,7 @@ class TrackingStage:
                     frame_index=frame.index, frame_size=frame.size, detections=frame_dets, model=g.model,
                     wall_time=frame.wall_time, latency_ms=None if frame.wall_time is not None else latency_ms,
                 ))
-                tracker = self._trackers.get(key)
-                if tracker is None:
-                    fps = self.config.sampling.fps  # frames reach a tracker at the sampling rate
-                    tracker = self._trackers[key] = Tracker(self.config.tracker, interval_s=1.0 / fps if fps else None)
+                tracker = self._tracker(key)
                 self._queries[key] = query
                 tracked = tracker.update(
                     Detections(frame_dets.xyxy, frame_dets.score, np.zeros(len(frame_dets), np.int64)), frame.pts
@@ -164,20 +153,34 @@ class TrackingStage:
                     self._update_segments(frame, query, tracked, tracker)
         return fed
 
+    def _unfed_frames(self, window: Window, query: Query) -> Iterator[tuple[int, Frame, tuple[str, str]]]:
+        """`(image index, frame, tracker key)` of the window's frames not yet fed for
+        `query`, in time order (the caller holds the lock). A frame already fed through an
+        overlapping window is skipped: sources keep media time non-decreasing, across live
+        reconnects too, so nothing new is."""
+        for k in sorted(range(len(window.frames)), key=lambda k: window.frames[k].pts):
+            frame = window.frames[k]
+            key = (frame.camera, query.id)
+            last = self._last_fed.get(key)
+            if last is None or frame.pts > last:
+                yield k, frame, key
+
+    def _tracker(self, key: tuple[str, str]) -> Tracker:
+        """The tracker of (camera, query), made on first use."""
+        tracker = self._trackers.get(key)
+        if tracker is None:
+            fps = self.config.sampling.fps  # frames reach a tracker at the sampling rate
+            tracker = self._trackers[key] = Tracker(self.config.tracker, interval_s=1.0 / fps if fps else None)
+        return tracker
+
     def carry_over(self, window: Window, query: Query) -> None:
         """The change gate kept `window` from the engine: nothing changed since the last
         grounded frame. Each new frame gets a `grounding` event repeating the last answer
         (`carried_over: true`), the tracker holds its tracks at the frame's time (alive,
         same boxes; nothing is lost because nothing was asked) and search segments go on
         through the still stretch."""
-        order = sorted(range(len(window.frames)), key=lambda k: window.frames[k].pts)
         with self._lock:
-            for k in order:
-                frame = window.frames[k]
-                key = (frame.camera, query.id)
-                last = self._last_fed.get(key)
-                if last is not None and frame.pts <= last:
-                    continue
+            for k, frame, key in self._unfed_frames(window, query):
                 answer, model = self._last_answer.get(key, (Detections.empty(), self._model_name()))
                 boxes = Detections(answer.xyxy, answer.score, np.full(len(answer), k, np.int64), answer.track_id)
                 self._publish(Event.grounding(
@@ -185,10 +188,7 @@ class TrackingStage:
                     frame_index=frame.index, frame_size=frame.size, detections=boxes, model=model,
                     wall_time=frame.wall_time, carried_over=True,
                 ))
-                tracker = self._trackers.get(key)
-                if tracker is None:
-                    fps = self.config.sampling.fps
-                    tracker = self._trackers[key] = Tracker(self.config.tracker, interval_s=1.0 / fps if fps else None)
+                tracker = self._tracker(key)
                 self._queries[key] = query
                 held = tracker.hold(frame.pts)
                 self._last_fed[key] = frame.pts
