@@ -51,7 +51,7 @@ def gating_case(model: Path, work: Path, *, duration_s: float, bursts: int, max_
         SamplingConfig,
         SourceConfig,
     )
-    from streamvg.events import Event
+    from streamvg.demo import EventCollector
     from streamvg.pipeline import Pipeline
     from streamvg.testing.still import write_still_scene
 
@@ -62,19 +62,6 @@ def gating_case(model: Path, work: Path, *, duration_s: float, bursts: int, max_
     # The object walks between its spots and paces about (40 px/s in a 320-px frame) while active.
     scene = write_still_scene(work / "scene", duration_s=duration_s, fps=10.0, activity=activity, wander_px_s=40.0)
     fps, size = 2.0, 4
-
-    class Events:
-        def __init__(self) -> None:
-            self.events: list[Event] = []
-
-        def publish(self, event: Event) -> None:
-            self.events.append(event)
-
-        def flush(self) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
 
     out: dict[str, Any] = {"scene_s": duration_s, "activity": [[round(a, 2), round(b, 2)] for a, b in activity],
                            "sampling": {"fps": fps, "window_size": size, "stride": size}}
@@ -88,7 +75,7 @@ def gating_case(model: Path, work: Path, *, duration_s: float, bursts: int, max_
                                 min_pixels=max_pixels, max_new_tokens=8, batch_size=4),
             gating=GatingConfig(enabled=on),
         )
-        sink = Events()
+        sink = EventCollector()
         t0 = time.perf_counter()
         summary = Pipeline(cfg, sinks=[sink], control=False).run()
         wall = time.perf_counter() - t0

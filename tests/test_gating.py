@@ -27,6 +27,7 @@ from streamvg.config import (
     SourceConfig,
     TrackerConfig,
 )
+from streamvg.demo import EventCollector
 from streamvg.events import Event, event_json_schema
 from streamvg.gating import ChangeGate, changed_fraction, signature
 from streamvg.pipeline import Pipeline
@@ -37,21 +38,6 @@ from streamvg.types import Detections, Frame, Window
 MEDIA = Path(__file__).resolve().parent / "media"
 FPS = 2.0
 
-
-class ListSink:
-    """An in-memory sink (the pipeline's Sink protocol): keeps every event."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def publish(self, event: Event) -> None:
-        self.events.append(event)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +57,7 @@ def run(scene: StillScene, *, gating: bool, window: int = 2, stride: int = 2, ma
         tracker=TrackerConfig(max_lost_s=max_lost_s),
         gating=GatingConfig(enabled=gating, max_unchanged_s=max_unchanged_s),
     )
-    sink = ListSink()
+    sink = EventCollector()
     summary = Pipeline(cfg, sinks=[sink], collect_segments=True, control=False).run()
     return summary, sink.events
 
@@ -275,7 +261,7 @@ def test_model_work_is_counted_per_camera_in_the_summary_and_prometheus(
                             max_new_tokens=4, batch_size=4),
     )
     assert cfg.gating.active(cfg.engine.kind)  # 'auto' gates model engines
-    pipe = Pipeline(cfg, sinks=[ListSink()], control=False, metrics_port=free_port())
+    pipe = Pipeline(cfg, sinks=[EventCollector()], control=False, metrics_port=free_port())
     summary = pipe.run()
     cam = summary.cameras["hall"]
     assert summary.windows_unchanged >= 2 and summary.windows_grounded >= 2
