@@ -421,9 +421,7 @@ class VisionExportWrapper(nn.Module):
         full_segments: torch.Tensor,
         window_segments: torch.Tensor,
     ) -> torch.Tensor:
-        mu = self.spec.merge_unit
-        x = torch.matmul(pixel_patches.to(self.patch_weight.dtype), self.patch_weight.t())
-        x = x.reshape(-1, mu, x.shape[-1]).index_select(0, window_index).reshape(-1, x.shape[-1])
+        x = self._embed(pixel_patches, window_index)
         # Additive block-diagonal masks: 0 inside an image (or window), -inf across.
         full_bias = torch.where(full_segments.unsqueeze(1) == full_segments.unsqueeze(0), 0.0, float("-inf"))
         if len(self.full_layers) < self.spec.depth:
