@@ -475,13 +475,6 @@ class Pipeline:
             if self.metrics:
                 self.metrics.frames_in.labels(name).inc()
             yield frame
-        if self._multi is not None:
-            # This camera ended: groups that waited only for it can go now.
-            with self._multi_lock:
-                ready = self._multi.flush(name)
-                self._multi_lock.notify_all()
-            for w in ready:
-                self._enqueue(name, w)
 
     def _enqueue(self, name: str, window: Window) -> bool:
         cam = self.cameras[name]
@@ -497,7 +490,8 @@ class Pipeline:
 
     def _camera_finished(self, name: str) -> None:
         if self._multi is not None:
-            # Also a camera that never opened: the others must not wait for its frames.
+            # This camera ended (or never opened): groups that waited only for it can go now,
+            # and the others must not wait for its frames.
             with self._multi_lock:
                 ready = self._multi.flush(name)
                 self._multi_lock.notify_all()
