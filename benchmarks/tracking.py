@@ -49,8 +49,9 @@ if not hasattr(np, "asfarray"):  # motmetrics 1.4 still calls np.asfarray, remov
 
 import motmetrics as mm  # noqa: E402
 
+from streamvg.config import TrackerConfig  # noqa: E402
 from streamvg.tracking import Tracker  # noqa: E402
-from streamvg.tracking.linker import LinkerConfig, link_tracks  # noqa: E402
+from streamvg.tracking.offline import track_offline  # noqa: E402
 from streamvg.types import Detections  # noqa: E402
 
 FPS = 25.0
@@ -155,25 +156,13 @@ def run_streamvg(inputs: list[Any], times: list[float]) -> tuple[list[tuple[np.n
 
 
 def run_offline(inputs: list[Any], times: list[float]) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
-    """The offline pass of `streamvg search`: the online tracker, then `link_tracks` over
-    the whole sequence (joins across gaps, drops short chains)."""
-    trk = Tracker(interval_s=times[1] - times[0] if len(times) > 1 else None, **TRACKER_KW)
-    rows, t0 = [], time.perf_counter()
-    for d, t in zip(inputs, times, strict=True):
-        r = trk.update(d, t)
-        rows.append((r.track_id, r.xyxy))
-    ids = np.concatenate([r[0] for r in rows]) if rows else np.zeros(0, np.int64)
-    tt = np.concatenate([np.full(len(r[0]), t) for r, t in zip(rows, times, strict=True)]) if rows else np.zeros(0)
-    xyxy = np.concatenate([r[1] for r in rows]) if rows else np.zeros((0, 4))
-    linked = link_tracks(ids, tt, xyxy, config=LinkerConfig(min_hits=2)).track_id
+    """The offline pass of `streamvg search`: the tracker with each ambiguous decision
+    deferred until the next updates have been seen (`streamvg.tracking.offline`)."""
+    t0 = time.perf_counter()
+    res = track_offline(list(zip(inputs, times, strict=True)), TrackerConfig(**TRACKER_KW),
+                        interval_s=times[1] - times[0] if len(times) > 1 else None)
     elapsed = time.perf_counter() - t0
-    out, k = [], 0
-    for r in rows:
-        n = len(r[0])
-        ids_k, keep = linked[k : k + n], linked[k : k + n] >= 0
-        out.append((ids_k[keep], r[1][keep]))
-        k += n
-    return out, elapsed
+    return [(r.track_id, r.xyxy) for r in res.tracked], elapsed
 
 
 def make_run_bytetrack(fps: float) -> Runner:

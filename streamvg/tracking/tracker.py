@@ -27,6 +27,7 @@ arrays, so the work per update is a handful of numpy calls plus one assignment p
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -158,6 +159,17 @@ def _cxcywh_to_xyxy(b: F64) -> F64:
     return np.concatenate([b[:, :2] - half, b[:, :2] + half], axis=1)
 
 
+@dataclass(frozen=True)
+class _UpdateCost:
+    """What one update's association cost (read by the offline pass): the summed gated cost
+    of its matches, and how many tracks were recovered by overlap, started and missed."""
+
+    matched: float = 0.0
+    recovered: int = 0
+    started: int = 0
+    missed: int = 0
+
+
 class Tracker:
     """Multi-object tracker for one (camera, query), fed by media time.
 
@@ -202,6 +214,7 @@ class Tracker:
         if interval_s is not None and not (math.isfinite(interval_s) and interval_s > 0):
             raise TrackingError(f"interval_s must be positive seconds, got {interval_s!r}")
         self._interval_s = interval_s
+        self._last_cost = _UpdateCost()
         self.reset()
 
     # --- state ------------------------------------------------------------------------
@@ -312,28 +325,22 @@ class Tracker:
             TrackingError: `detections` is not `Detections`, a box is NaN/inf or has
                 x2 < x1 / y2 < y1, rows span several frames, or `t` is not finite or goes back.
         """
+        return self._update(detections, t)
+
+    def _update(self, detections: Detections, t: float, first: tuple[I64, I64] | None = None) -> Detections:
+        """`update`, with the first stage's (tracks, boxes) pairs given by `first` when the
+        offline pass (`streamvg.tracking.offline`) has chosen them."""
         t = self._check_time(t)
         dets = self._check_detections(detections)
-        # Tracks unseen for longer than max_lost_s end before association: after a long
-        # gap (a camera outage, a paused stream) a lost track's gate has grown to cover
-        # the frame, and any box would otherwise take its old id.
-        self._end(t - self._last_t > self.config.max_lost_s)
-        dt = 0.0 if self._t is None else t - self._t
-        self._t = t
-        if dt > 0:
-            self._dt = dt
-        self._mean, self._cov = self._kf.predict(self._mean, self._cov, dt)
-
-        c = self.config
-        score = dets.score.astype(np.float64)
-        high = (score >= c.high_score).nonzero()[0]
-        low = ((score >= c.low_score) & (score < c.high_score)).nonzero()[0]
-        z = xyxy_to_cxcywh(dets.xyxy)
-        gated, allowed, s = self._costs(z, dets.xyxy)
-
+        z, gated, allowed, s, high, low = self._advance(dets, t)
         confirmed = (self._id >= 0).nonzero()[0]
         tentative = (self._id < 0).nonzero()[0]
-        tr1, de1, free_tr, free_high = _assign(gated, allowed, confirmed, high)
+        if first is None:
+            tr1, de1, free_tr, free_high = _assign(gated, allowed, confirmed, high)
+        else:
+            tr1, de1 = first
+            free_tr = np.setdiff1d(confirmed, tr1, assume_unique=True)
+            free_high = np.setdiff1d(high, de1, assume_unique=True)
         tr2, de2, free_tr, _ = _assign(gated, allowed, free_tr, low)
         # Recovery: a confirmed track the prediction missed (a bounce off the frame edge,
         # a sudden stop) is re-found by a confident box overlapping where it was last seen.
@@ -345,12 +352,53 @@ class Tracker:
         self._apply_matches(rows, cols, z, s, dets, t)
         if len(tr_r):  # the motion model just failed: re-learn the velocity like a new track's
             self._mean[tr_r], self._cov[tr_r] = self._kf.initiate(z[de_r])
+        self._last_cost = _UpdateCost(
+            float(gated[tr1, de1].sum() + gated[tr2, de2].sum() + gated[tr3, de3].sum()),
+            len(tr_r), len(new), len(confirmed) - len(tr1) - len(tr2) - len(tr_r),
+        )
         new_rows = self._spawn(new, z, dets, t)
         out_rows, out_ids = self._lifecycle(np.concatenate([rows, new_rows]), np.concatenate([cols, new]), dets, t)
 
         order = np.argsort(out_rows, kind="stable")
         idx = out_rows[order]
         return Detections(dets.xyxy[idx], dets.score[idx], dets.image_index[idx], out_ids[order])
+
+    def _advance(self, dets: Detections, t: float) -> tuple[F64, F64, NDArray[np.bool_], F64, I64, I64]:
+        """Move to time `t` (end tracks gone too long, predict) and score every (track, box)
+        pair: returns the boxes as cxcywh, the gated cost, the gate, the innovation
+        variances and the confident and weak box indices."""
+        # Tracks unseen for longer than max_lost_s end before association: after a long
+        # gap (a camera outage, a paused stream) a lost track's gate has grown to cover
+        # the frame, and any box would otherwise take its old id.
+        self._end(t - self._last_t > self.config.max_lost_s)
+        dt = 0.0 if self._t is None else t - self._t
+        self._t = t
+        if dt > 0:
+            self._dt = dt
+        self._mean, self._cov = self._kf.predict(self._mean, self._cov, dt)
+        c = self.config
+        score = dets.score.astype(np.float64)
+        high = (score >= c.high_score).nonzero()[0]
+        low = ((score >= c.low_score) & (score < c.high_score)).nonzero()[0]
+        z = xyxy_to_cxcywh(dets.xyxy)
+        gated, allowed, s = self._costs(z, dets.xyxy)
+        return z, gated, allowed, s, high, low
+
+    def _first_stage(self, detections: Detections, t: float) -> tuple[F64, NDArray[np.bool_], I64, I64]:
+        """The first stage's problem at `t` (gated cost, gate, confirmed tracks, confident
+        boxes) without changing this tracker: what the offline pass chooses among."""
+        trial = self._clone()
+        dets = trial._check_detections(detections)
+        _, gated, allowed, _, high, _ = trial._advance(dets, trial._check_time(t))
+        return gated, allowed, (trial._id >= 0).nonzero()[0], high
+
+    def _clone(self) -> Tracker:
+        """An independent copy (arrays copied; config and filter shared, they never change)."""
+        trial = copy.copy(self)
+        for name in _TRACK_ARRAYS:
+            setattr(trial, "_" + name, getattr(self, "_" + name).copy())
+        trial._events = list(self._events)
+        return trial
 
     def _recover(self, tracks: I64, boxes: I64, dets: Detections) -> tuple[I64, I64, I64]:
         """Match left-over confirmed tracks seen at the previous update to left-over
