@@ -423,3 +423,27 @@ def test_max_lost_s_decides_whether_a_track_comes_back(rate: float, max_lost_s: 
         assert [e.track_id for e in trk.pop_events() if e.kind == "ended"] == list(ids)
     else:
         assert got == ids
+
+
+@pytest.mark.parametrize(("rate", "missed", "same_id"), [
+    (25.0, 14, True),    # 0.56 s unseen at 25/s: fewer misses in a row than max_missed_updates
+    (25.0, 16, False),   # 0.64 s: 16 misses in a row show it is gone, though under max_lost_s
+    (2.0, 4, True),      # 2 s at 2/s: four missed answers are not evidence; max_lost_s decides
+])
+def test_many_misses_in_a_row_end_a_track_at_high_rates_only(rate: float, missed: int, same_id: bool) -> None:
+    trk = Tracker(interval_s=1 / rate)
+    t = 0.0
+    for _ in range(5):
+        trk.update(boxes(person(200, 200)), t)
+        t += 1 / rate
+    trk.pop_events()
+    for _ in range(missed):
+        trk.update(Detections.empty(), t)
+        t += 1 / rate
+    out = trk.update(boxes(person(200, 200)), t)
+    kinds = [e.kind for e in trk.pop_events()]
+    if same_id:
+        assert out.track_id.tolist() == [0] and "ended" not in kinds
+    else:
+        assert "ended" in kinds and out.track_id.tolist() in ([], [1])  # a new (maybe tentative) track
+    assert TrackerConfig().max_missed_updates == 15

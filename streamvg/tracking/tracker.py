@@ -11,13 +11,14 @@ overlap and IoU-only trackers (ByteTrack, SORT) break every track. This tracker 
   (so a long-lost track does not steal a box from a fresh one), with IoU as a second key;
 - associates in ByteTrack's stages: confident boxes to confirmed tracks, then weak boxes to
   the confirmed tracks left, then confident boxes to tentative tracks, then new tracks;
-- counts lifetimes in **seconds** (`max_lost_s`) and confirmations in hits
-  (`min_confirm_hits`).
+- counts lifetimes in **seconds** (`max_lost_s`, and `max_missed_updates` misses in a row
+  at high rates) and confirmations in seconds (`confirm_s`, capped by `min_confirm_hits`).
 
 Lifecycle, each transition an event (`pop_events`): tentative → confirmed (`started`) →
 matched again (`updated`) / missed (`lost`, once) → found again (`updated`) or gone for more
-than `max_lost_s` (`ended`, checked before each update associates, so no box after a longer
-gap takes an old id, however far the filter's gate has grown). Tentative tracks that miss two updates in a row vanish without
+than `max_lost_s` or missed `max_missed_updates` updates in a row (`ended`, checked before
+each update associates, so no box after a longer gap takes an old id, however far the
+filter's gate has grown). Tentative tracks that miss two updates in a row vanish without
 events. `hold(t)` tells the tracker the scene was unchanged at `t` (nothing was asked of the
 model, so nothing counts as unseen).
 
@@ -370,7 +371,11 @@ class Tracker:
         # Tracks unseen for longer than max_lost_s end before association: after a long
         # gap (a camera outage, a paused stream) a lost track's gate has grown to cover
         # the frame, and any box would otherwise take its old id.
-        self._end(t - self._last_t > self.config.max_lost_s)
+        # So do tracks that missed max_missed_updates updates in a row: at high rates that
+        # many misses are strong evidence the object is gone, and a lost track's growing
+        # gate would otherwise take a box of whoever passes where it was.
+        c = self.config
+        self._end((t - self._last_t > c.max_lost_s) | (self._misses >= c.max_missed_updates))
         dt = 0.0 if self._t is None else t - self._t
         self._t = t
         if dt > 0:
