@@ -248,8 +248,9 @@ def bench(sequences: dict[str, tuple[Callable[[int], Sequence_], tuple[int, int]
 
 
 def targets(res: dict[str, Any]) -> dict[str, bool]:
-    """Issue 17/22 targets: never behind ByteTrack; offline IDF1 ≥ 0.95× the true-id ceiling
-    at 5 fps and ≥ 0.9× at 1.7 fps; online ≥ 0.85× at 1.7 fps; updates/s ≥ ByteTrack's."""
+    """Issue 22's targets on the default noise: offline IDF1 ≥ 0.95× the true-id ceiling at
+    5 fps and ≥ 0.9× at 1.7 fps; online ≥ 0.85× at 1.7 fps; online never behind ByteTrack
+    (MOTA and IDF1) at any rate; online updates/s ≥ ByteTrack's."""
     ok = {}
     for key, m in res.items():
         frac = m["of_ceiling"]
@@ -258,12 +259,9 @@ def targets(res: dict[str, Any]) -> dict[str, bool]:
         if key.startswith("1.67"):
             ok[f"{key}_offline_idf1_0.9x"] = frac["offline"]["idf1"] >= 0.9
             ok[f"{key}_online_idf1_0.85x"] = frac["streamvg"]["idf1"] >= 0.85
-    for key, m in res.items():
         d = m["delta"]
-        if key.startswith("25"):
-            ok[key] = d["mota"] >= -0.02 and d["idf1"] >= -0.02 and d["speed_ratio"] >= 1.0
-        else:
-            ok[key] = d["mota"] >= 0.15 and d["idf1"] >= 0.15 and d["speed_ratio"] >= 1.0
+        ok[f"{key}_online_not_behind_bytetrack"] = d["mota"] >= 0 and d["idf1"] >= 0
+        ok[f"{key}_online_updates_per_s_ge_bytetrack"] = d["speed_ratio"] >= 1.0
     return ok
 
 
