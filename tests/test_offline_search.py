@@ -244,6 +244,9 @@ def test_recorded_frames_keep_no_images_but_the_best_frames() -> None:
     assert not stage._recorded
     assert sum(r() is not None for r in alive) <= len(offline_segments) == 2
     assert all(s.best_frame is not None for s in offline_segments)
+    # Cross-camera identities are keyed by live ids: each offline segment names the live
+    # track most of its boxes had (the two live tracks each hold one object most of the time).
+    assert sorted(s.live_track_id for s in offline_segments) == [0, 1]  # type: ignore[type-var]
 
 
 @pytest.fixture(scope="module")
