@@ -129,6 +129,13 @@ class Pipeline:
         sinks: Where events go; by default Redis when `sinks.redis` is set, JSONL when
             `sinks.jsonl` is set, and a JSONL file `streamvg-events.jsonl` otherwise.
         collect_segments: Keep a `Segment` per track (offline search).
+        offline_tracking: With `collect_segments`: when a (camera, query) finishes, rebuild
+            its segments from the offline tracking pass over every frame it was fed
+            (`streamvg.tracking.offline`: each ambiguous pairing decided once the next
+            updates are seen), so `segments()` / the summary carry the offline track ids.
+            Events published during the run keep the live tracker's ids. With identity on,
+            an offline segment's `global_id` is that of the live track most of its boxes
+            belonged to.
         thumbnails_dir: Write one JPEG per segment with its best box drawn.
         batch_wait_s: How long the engine waits for more windows to fill a batch.
         metrics_port: Serve Prometheus metrics on this port.
@@ -148,6 +155,7 @@ class Pipeline:
         engine: GroundingEngine | None = None,
         sinks: Sequence[Sink] | None = None,
         collect_segments: bool = False,
+        offline_tracking: bool = False,
         thumbnails_dir: str | Path | None = None,
         batch_wait_s: float = 0.05,
         metrics_port: int | None = None,
@@ -186,7 +194,7 @@ class Pipeline:
         self.identity = IdentityStage(config, publish=self._publish) if config.identity is not None else None
         self.processor = TrackingStage(
             config, publish=self.identity.publish if self.identity is not None else self._publish, model_name=lambda: self._engine.name if self._engine else "",
-            collect_segments=collect_segments,
+            collect_segments=collect_segments, offline_tracking=offline_tracking,
         )
         self._multi: MultiCameraWindows | None = None
         self._multi_lock = threading.Condition()
@@ -365,14 +373,24 @@ class Pipeline:
         segs = self.processor.segments()
         if self.identity is not None:
             for seg in segs:
-                seg.global_id = self.identity.global_id(seg.query_id, seg.camera, seg.track_id)
+                seg.global_id = self._global_id(seg)
         return segs
+
+    def _global_id(self, seg: Segment) -> int:
+        """A segment's cross-camera identity. Identities are keyed by live track ids: an
+        offline segment takes that of the live track most of its boxes had (one none of
+        whose boxes had a live id gets an identity of its own)."""
+        assert self.identity is not None
+        live = seg.live_track_id if seg.live_track_id is not None else -1 - seg.track_id  # -1 - id: no live track
+        return self.identity.global_id(seg.query_id, seg.camera, live)
 
     def global_tracks(self) -> list[GlobalTrack]:
         """Search segments grouped by cross-camera identity (empty without `identity`)."""
         if self.identity is None:
             return []
-        return global_tracks(self.processor.segments(), self.identity.global_id)
+        segs = self.processor.segments()
+        gids = {(s.query_id, s.camera, s.track_id): self._global_id(s) for s in segs}
+        return global_tracks(segs, lambda q, c, t: gids[(q, c, t)])
 
     def __enter__(self) -> Pipeline:
         return self.start()

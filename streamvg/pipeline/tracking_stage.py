@@ -1,6 +1,19 @@
 """Grounding answers → per-(camera, query) trackers → events and search segments.
 
 Shared by the all-in-one `Pipeline` and the scale-out ground workers.
+
+Offline search (`offline_tracking=True`, with `collect_segments`): events are published
+with the live tracker's ids as the frames come, and every frame fed is also recorded per
+(camera, query): the boxes as given to the tracker, the media time, the frame number and
+the live track id of each box; held (carried-over) frames as the repeated last answer.
+When the (camera, query) finishes (`finish`: the run's end, or its query removed), the
+recording is tracked again by `streamvg.tracking.offline.track_offline` (each ambiguous
+pairing decided after the next updates are seen) and its segments are replaced by ones
+built from that pass; the recording is then freed. Images are not recorded: the only
+frame images kept are the live segments' best frames (as without the offline pass), and
+an offline segment's best box is the highest-scoring of its boxes whose frame image is
+kept that way (any query of the camera), or, when none is, its highest-scoring box
+without an image (no thumbnail).
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ from streamvg.events import Event
 from streamvg.grounding import Grounding
 from streamvg.redaction import mask_url
 from streamvg.tracking import Tracker
+from streamvg.tracking.offline import track_offline
 from streamvg.types import Detections, Frame, Query, Window
 
 __all__ = ["Segment", "TrackingStage"]
@@ -55,6 +69,10 @@ class Segment:
     global_id: int | None = None  # cross-camera identity (identity on), else None
     best_frame: np.ndarray | None = field(default=None, repr=False, compare=False)
     boxes: list[tuple[float, int, list[float], float]] = field(default_factory=list, repr=False, compare=False)
+    # The live tracker's id of this track (what cross-camera identities are keyed by): its
+    # `track_id` for live segments, for offline ones the live id most of its boxes had
+    # (None when no box had one).
+    live_track_id: int | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -88,12 +106,27 @@ class _FrameInfo:
     wall_time: float | None
 
 
+@dataclass(frozen=True)
+class _Fed:
+    """One frame as fed to a (camera, query) tracker, recorded for the offline pass (no image)."""
+
+    t: float
+    index: int
+    dets: Detections  # as given to the tracker
+    live_ids: np.ndarray  # the live track id of each row of `dets`, -1 where none
+    held: bool = False  # a carried-over frame: the last answer repeated
+
+
 class TrackingStage:
     """Grounding answers → per-(camera, query) trackers → events (and search segments).
 
     Shared by the all-in-one `Pipeline` and the scale-out ground workers. Frames that
     overlapping windows share are fed to the tracker and published once: the first
     window that contains a frame decides its boxes.
+
+    With `collect_segments` and `offline_tracking`, each (camera, query)'s segments are
+    rebuilt by the offline pass when it finishes (see the module docstring); events keep
+    the live ids.
     """
 
     def __init__(
@@ -103,12 +136,15 @@ class TrackingStage:
         publish: Callable[[Event], None],
         model_name: Callable[[], str],
         collect_segments: bool = False,
+        offline_tracking: bool = False,
     ) -> None:
         self.config = config
         self.pipeline = config.name
         self._publish = publish
         self._model_name = model_name
         self.collect_segments = collect_segments
+        self.offline_tracking = offline_tracking and collect_segments
+        self._recorded: dict[tuple[str, str], list[_Fed]] = {}  # offline pass: frames fed, per (camera, query)
         self._videos = {s.name: mask_url(s.uri) for s in config.sources}
         self._trackers: dict[tuple[str, str], Tracker] = {}
         self._last_fed: dict[tuple[str, str], float] = {}
@@ -140,10 +176,13 @@ class TrackingStage:
                 ))
                 tracker = self._tracker(key)
                 self._queries[key] = query
-                tracked = tracker.update(
-                    Detections(frame_dets.xyxy, frame_dets.score, np.zeros(len(frame_dets), np.int64)), frame.pts
-                )
+                given = Detections(frame_dets.xyxy, frame_dets.score, np.zeros(len(frame_dets), np.int64))
+                tracked = tracker.update(given, frame.pts)
                 self._last_fed[key] = frame.pts
+                if self.offline_tracking:
+                    live_ids = np.full(len(given), -1, np.int64)
+                    live_ids[_rows_of(given, tracked)] = tracked.track_id
+                    self._recorded.setdefault(key, []).append(_Fed(frame.pts, frame.index, given, live_ids))
                 fed[k] = tracked
                 info = self._last_frame[key] = _FrameInfo(
                     frame.camera, frame.index, frame.pts, frame.size, frame.wall_time
@@ -192,6 +231,13 @@ class TrackingStage:
                 self._queries[key] = query
                 held = tracker.hold(frame.pts)
                 self._last_fed[key] = frame.pts
+                if self.offline_tracking:  # the repeated last answer, as its grounding event says
+                    rec = self._recorded.setdefault(key, [])
+                    if rec:
+                        rec.append(_Fed(frame.pts, frame.index, rec[-1].dets, rec[-1].live_ids, held=True))
+                    else:
+                        given = Detections(answer.xyxy, answer.score, np.zeros(len(answer), np.int64))
+                        rec.append(_Fed(frame.pts, frame.index, given, np.full(len(given), -1, np.int64), held=True))
                 self._last_frame[key] = _FrameInfo(frame.camera, frame.index, frame.pts, frame.size, frame.wall_time)
                 self._publish_track_events(tracker, self._last_frame[key], query, model, k)  # tracks that ended
                 if self.collect_segments:
@@ -221,11 +267,67 @@ class TrackingStage:
             t = self._last_fed.pop(key, None)
             query = self._queries.pop(key, None)
             self._last_answer.pop(key, None)
+            recorded = self._recorded.pop(key, None)
             if tracker is None or t is None:
                 return
             tracker.finish(t)
             if frame is not None and query is not None:
                 self._publish_track_events(tracker, frame, query, self._model_name(), 0)
+            if recorded and query is not None:
+                self._offline_segments(key, query, recorded)
+
+    def _offline_segments(self, key: tuple[str, str], query: Query, recorded: list[_Fed]) -> None:
+        """Replace the segments of (camera, query) `key` by ones from the offline pass over
+        its recorded frames (the caller holds the lock)."""
+        camera = key[0]
+        fps = self.config.sampling.fps
+        try:
+            result = track_offline(
+                [(f.dets, f.t) for f in recorded], self.config.tracker, interval_s=1.0 / fps if fps else None
+            )
+        except TrackingError as exc:  # cannot happen after the live tracker took the same frames; keep live ids
+            log.warning("offline tracking of camera %s, query %s failed (%s); its segments keep the live ids",
+                        camera, query.id, exc)
+            return
+        # Frame images still held (the live segments' best frames, any query of this camera), by time.
+        images = {s.best_t: s.best_frame for s in self._segments.values()
+                  if s.camera == camera and s.best_frame is not None}
+        segs: dict[int, Segment] = {}
+        votes: dict[int, dict[int, int]] = {}
+        for fed, tracked in zip(recorded, result.tracked, strict=True):
+            rows = _rows_of(fed.dets, tracked)
+            for k in range(len(tracked)):
+                tid = int(tracked.track_id[k])
+                box, score = tracked.xyxy[k].tolist(), float(tracked.score[k])
+                seg = segs.get(tid)
+                if seg is None:
+                    seg = segs[tid] = Segment(
+                        camera=camera, video=self._videos.get(camera, camera), query_id=query.id, query=query.text,
+                        track_id=tid, start_s=result.first_seen.get(tid, fed.t), end_s=fed.t, best_t=fed.t,
+                        best_xyxy=box, best_score=score, hits=0, best_frame=images.get(fed.t),
+                    )
+                seg.end_s = max(seg.end_s, fed.t)
+                if fed.held and seg.hits:
+                    continue  # as live: a still stretch extends the segment, it adds no sighting
+                seg.hits += 1
+                seg.boxes.append((fed.t, fed.index, box, score))
+                live = int(fed.live_ids[rows[k]])
+                if live >= 0:
+                    v = votes.setdefault(tid, {})
+                    v[live] = v.get(live, 0) + 1
+                image = images.get(fed.t)
+                # The best box: highest score among boxes whose frame image is kept, else overall.
+                if (image is not None, score) > (seg.best_frame is not None, seg.best_score):
+                    seg.best_t, seg.best_xyxy, seg.best_score, seg.best_frame = fed.t, box, score, image
+        for tid, seg in segs.items():
+            counts = votes.get(tid, {})
+            seg.live_track_id = max(counts, key=lambda i: (counts[i], -i)) if counts else None
+        for skey in [k for k in self._segments if k[:2] == key]:
+            del self._segments[skey]
+        for tid, seg in segs.items():
+            self._segments[(camera, query.id, tid)] = seg
+        log.debug("camera %s, query %s: offline pass made %d segment(s), %d pairing(s) changed",
+                  camera, query.id, len(segs), result.changed)
 
     def finish_query(self, query_id: str) -> None:
         with self._lock:
@@ -327,6 +429,7 @@ class TrackingStage:
                 self._last_frame.pop(key, None)
                 self._queries.pop(key, None)
                 self._last_answer.pop(key, None)
+                self._recorded.pop(key, None)
 
     def segments(self) -> list[Segment]:
         with self._lock:
@@ -346,7 +449,7 @@ class TrackingStage:
                 self._segments[key] = Segment(
                     camera=frame.camera, video=self._videos.get(frame.camera, frame.camera), query_id=query.id,
                     query=query.text, track_id=tid, start_s=start, end_s=frame.pts, best_t=frame.pts,
-                    best_xyxy=tracked.xyxy[i].tolist(), best_score=score, best_frame=frame.image,
+                    best_xyxy=tracked.xyxy[i].tolist(), best_score=score, best_frame=frame.image, live_track_id=tid,
                 )
                 self._segments[key].boxes.append((frame.pts, frame.index, tracked.xyxy[i].tolist(), score))
             else:
@@ -356,6 +459,19 @@ class TrackingStage:
                 if score > seg.best_score:
                     seg.best_t, seg.best_xyxy, seg.best_score = frame.pts, tracked.xyxy[i].tolist(), score
                     seg.best_frame = frame.image
+
+
+def _rows_of(given: Detections, tracked: Detections) -> np.ndarray:
+    """The row of `given` each row of `tracked` is (a tracker returns some of its input
+    rows, in input order and unchanged)."""
+    out = np.empty(len(tracked), np.int64)
+    j = 0
+    for k in range(len(tracked)):
+        while not (given.score[j] == tracked.score[k] and np.array_equal(given.xyxy[j], tracked.xyxy[k])):
+            j += 1
+        out[k] = j
+        j += 1
+    return out
 
 
 def _first_seen_times(tracker: Tracker) -> dict[int, float]:
