@@ -140,8 +140,9 @@ class TrackingStage:
                 ))
                 tracker = self._tracker(key)
                 self._queries[key] = query
-                tracked = tracker.update(
-                    Detections(frame_dets.xyxy, frame_dets.score, np.zeros(len(frame_dets), np.int64)), frame.pts
+                tracked = tracker.update(  # each frame's size: a stream's can change (an encoder restart)
+                    Detections(frame_dets.xyxy, frame_dets.score, np.zeros(len(frame_dets), np.int64)), frame.pts,
+                    frame_size=frame.size,
                 )
                 self._last_fed[key] = frame.pts
                 fed[k] = tracked
