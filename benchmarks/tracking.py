@@ -8,7 +8,8 @@ sizes drawn from the sequence's boxes). True boxes score U(0.5, 1), false ones U
 
 The same detections, sampled every 1st, 5th and 15th frame (25, 5, 1.7 fps), are fed to
 
-- StreamVG's `Tracker` (defaults) with `t` = media seconds (online, as `monitor` runs it),
+- StreamVG's `Tracker` (defaults) with `t` = media seconds and the sequence's frame size
+  (online, as `monitor` runs it),
 - the offline pass of `streamvg search` ("offline": the same tracker, then the offline
   linker `streamvg.tracking.linker.link_tracks` over the whole sequence), and
 - the reference, Roboflow `trackers` `ByteTrackTracker` (defaults, `frame_rate` set to the
@@ -143,11 +144,17 @@ def score(gt: Sequence_, hyp: dict[int, tuple[np.ndarray, np.ndarray]], frames: 
 TRACKER_KW: dict[str, Any] = {}  # --tracker: settings to try instead of the defaults
 
 
-Runner = Callable[[list[Any], list[float]], tuple[list[tuple[np.ndarray, np.ndarray]], float]]
+Size = tuple[int, int]  # (width, height) of the sequence's frames, pixels
+Runner = Callable[[list[Any], list[float], Size], tuple[list[tuple[np.ndarray, np.ndarray]], float]]
 
 
-def run_streamvg(inputs: list[Any], times: list[float]) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
-    trk = Tracker(interval_s=times[1] - times[0] if len(times) > 1 else None, **TRACKER_KW)  # the sampler's 1/fps
+def _tracker(times: list[float], size: Size) -> Tracker:
+    # interval_s: the sampler's 1/fps; frame_size: what the tracking stage passes from each frame.
+    return Tracker(interval_s=times[1] - times[0] if len(times) > 1 else None, frame_size=size, **TRACKER_KW)
+
+
+def run_streamvg(inputs: list[Any], times: list[float], size: Size) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
+    trk = _tracker(times, size)
     out, t0 = [], time.perf_counter()
     for d, t in zip(inputs, times, strict=True):
         r = trk.update(d, t)
@@ -155,12 +162,12 @@ def run_streamvg(inputs: list[Any], times: list[float]) -> tuple[list[tuple[np.n
     return out, time.perf_counter() - t0
 
 
-def run_offline(inputs: list[Any], times: list[float]) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
+def run_offline(inputs: list[Any], times: list[float], size: Size) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
     """The offline pass of `streamvg search`: the tracker with each ambiguous decision
     deferred until the next updates have been seen (`streamvg.tracking.offline`)."""
     t0 = time.perf_counter()
     res = track_offline(list(zip(inputs, times, strict=True)), TrackerConfig(**TRACKER_KW),
-                        interval_s=times[1] - times[0] if len(times) > 1 else None)
+                        interval_s=times[1] - times[0] if len(times) > 1 else None, frame_sizes=[size] * len(times))
     elapsed = time.perf_counter() - t0
     return [(r.track_id, r.xyxy) for r in res.tracked], elapsed
 
@@ -168,7 +175,8 @@ def run_offline(inputs: list[Any], times: list[float]) -> tuple[list[tuple[np.nd
 def make_run_bytetrack(fps: float) -> Runner:
     from trackers import ByteTrackTracker
 
-    def run(inputs: list[Any], times: list[float]) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
+    def run(inputs: list[Any], times: list[float], size: Size) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
+        del size  # ByteTrack takes no frame size
         trk = ByteTrackTracker(frame_rate=fps)
         out, t0 = [], time.perf_counter()
         for d, t in zip(inputs, times, strict=True):
@@ -181,7 +189,7 @@ def make_run_bytetrack(fps: float) -> Runner:
 
 
 def evaluate(gt: Sequence_, dets: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], stride: int,
-             repeat: int) -> dict[str, Any]:
+             repeat: int, size: Size) -> dict[str, Any]:
     import supervision as sv
 
     frames = sorted(gt)[::stride]
@@ -208,7 +216,7 @@ def evaluate(gt: Sequence_, dets: dict[int, tuple[np.ndarray, np.ndarray, np.nda
             warnings.simplefilter("ignore")
             best = float("inf")
             for _ in range(repeat):
-                out, elapsed = runner(inputs, times)
+                out, elapsed = runner(inputs, times, size)
                 best = min(best, elapsed)
         mota, idf1 = score(gt, dict(zip(frames, out, strict=True)), frames)
         res[name] = {"mota": mota, "idf1": idf1, "updates_per_s": len(frames) / best}
@@ -222,7 +230,7 @@ def mean_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def bench(sequences: dict[str, tuple[Callable[[int], Sequence_], tuple[int, int]]], seeds: int, strides: list[int],
+def bench(sequences: dict[str, tuple[Callable[[int], Sequence_], Size]], seeds: int, strides: list[int],
           jitter: float, drop: float, fp: float, repeat: int) -> dict[str, Any]:
     per: dict[str, Any] = {}
     for stride in strides:
@@ -233,7 +241,7 @@ def bench(sequences: dict[str, tuple[Callable[[int], Sequence_], tuple[int, int]
             for seed in range(seeds):
                 gt = load(seed)
                 seq_runs.append(evaluate(gt, noisy(gt, seed, jitter=jitter, drop=drop, fp=fp, size=size),
-                                         stride, repeat))
+                                         stride, repeat, size))
             per_seq[seq] = mean_results(seq_runs)
             runs += seq_runs
         m = mean_results(runs)

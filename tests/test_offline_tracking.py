@@ -97,7 +97,7 @@ def test_over_many_scenes_the_offline_pass_is_closer_to_the_truth_than_the_onlin
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 6), drop=st.sampled_from([0.0, 0.2]))
 def test_no_id_is_ever_on_two_boxes_of_one_frame_and_every_box_reported_once(seed: int, n: int, drop: float) -> None:
-    frames, truth = scene(seed, n=n, drop=drop)
+    frames, _ = scene(seed, n=n, drop=drop)
     res = track_offline(frames, interval_s=1 / FPS)
     assert len(res.tracked) == len(frames)
     for (d, _), r in zip(frames, res.tracked, strict=True):

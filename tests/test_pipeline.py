@@ -283,6 +283,41 @@ def _stage_run(stage: Any, frames: list[Frame], query: Query, start: int, stop: 
         stage.process(win, query, Grounding(win.id, query.id, dets, "", None, "replay"), 12.0)
 
 
+def _stage_track_events(size: tuple[int, int], answers: list[list[float]]) -> list[tuple[str, int]]:
+    """(kind, track id) of the track events a stage publishes for one box (or none) per frame
+    at 1 frame/s, frames of `size` (width, height)."""
+    cfg = PipelineConfig(name="exit", sources=[SourceConfig(name="door", uri="a.mp4")], queries=[])
+    published: list[Any] = []
+    stage = TrackingStage(cfg, publish=published.append, model_name=lambda: "replay")
+    image = np.zeros((size[1], size[0], 3), np.uint8)
+    query = Query("person", "the person")
+    for i, xyxy in enumerate(answers):
+        win = Window((Frame("door", i, float(i), image),))
+        dets = Detections(np.array(xyxy, np.float32).reshape(-1, 4), np.full(len(xyxy) // 4, 0.9, np.float32))
+        stage.process(win, query, Grounding(win.id, query.id, dets, "", None, "replay"), 12.0)
+    return [(e.kind, int(e.track_id)) for e in published if e.kind.startswith("track")]
+
+
+def _person(cx: float, cy: float = 240.0) -> list[float]:
+    return [cx - 24, cy - 60, cx + 24, cy + 60]
+
+
+def test_tracking_stage_ends_tracks_that_left_each_frame() -> None:
+    """The stage gives the tracker each frame's (width, height): a person who walked out of
+    the 640x480 picture ends there, and someone entering on the left two seconds later gets
+    a new id; the same answers on 1280x720 frames keep waiting for the first person. A person
+    hidden near the right edge of the 640x480 frame (inside it, outside a 480 px width) keeps
+    the id, so the width is not read as the height."""
+    walk_out = [_person(340 + 80 * k) for k in range(4)] + [[], [], _person(40, 300)]
+    events = _stage_track_events((640, 480), walk_out)
+    assert ("track_end", 0) in events and events[-1] == ("track_start", 1)
+    assert _stage_track_events((1280, 720), walk_out)[-1] == ("track_update", 0)
+
+    hidden = [_person(300 + 60 * k) for k in range(4)] + [[], _person(300 + 60 * 5)]
+    events = _stage_track_events((640, 480), hidden)
+    assert "track_end" not in [kind for kind, _ in events] and {tid for _, tid in events} == {0}
+
+
 def test_camera_hand_over_state_is_small_pickle_free_and_continues_the_tracks() -> None:
     """What a scale-out worker saves to Redis for a camera: a few KB of arrays + JSON (no
     frames, no pickle) from which another stage goes on with the same track ids."""

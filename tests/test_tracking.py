@@ -236,7 +236,7 @@ def test_ids_are_per_instance_and_reset_restarts_them() -> None:
 
 def test_state_round_trip_continues_exactly_like_the_original() -> None:
     # Scale-out workers hand a camera's trackers over as plain arrays + JSON (no pickle).
-    trk = Tracker(max_lost_s=3.0)
+    trk = Tracker(max_lost_s=3.0, frame_size=(800, 600))
     for k in range(4):  # a confirmed track, a tentative one, a pending event
         trk.update(boxes(person(100 + 50 * k, 100), *([person(600, 300)] if k == 3 else [])), 0.5 * k)
     meta, arrays = trk.state()
@@ -246,17 +246,36 @@ def test_state_round_trip_continues_exactly_like_the_original() -> None:
     assert json.loads(json.dumps(meta)) == meta
     assert all(isinstance(a, np.ndarray) and a.dtype != object for a in arrays.values())
     copy = Tracker.from_state(meta, {k: a.copy() for k, a in arrays.items()})
-    assert copy.config == trk.config and copy.t == trk.t
+    assert copy.config == trk.config and copy.t == trk.t and copy.frame_size == (800, 600)
     assert [(e.kind, e.track_id) for e in copy.pop_events()] == [(e.kind, e.track_id) for e in trk.pop_events()]
     rng = np.random.default_rng(3)
-    for k in range(4, 12):  # same inputs afterwards -> same outputs and events
+    ended = []
+    for k in range(4, 14):  # same inputs afterwards -> same outputs and events
         dets = boxes(person(100 + 50 * k + rng.normal(0, 3), 100), person(600 + 20 * k, 300 + 5 * k), score=0.8)
         if k == 7:
             dets = Detections.empty()
+        if k >= 10:  # the second object walks out on the right: it ends by the frame size the copy kept
+            dets = dets[:1]
         a, b = trk.update(dets, 0.5 * k), copy.update(dets, 0.5 * k)
         assert a.track_id.tolist() == b.track_id.tolist() and np.array_equal(a.xyxy, b.xyxy)
-        assert [(e.kind, e.track_id, e.t) for e in trk.pop_events()] == [(e.kind, e.track_id, e.t) for e in copy.pop_events()]
-    assert {tr.track_id for tr in copy.tracks} == {0, 1}
+        events = [(e.kind, e.track_id, e.t) for e in trk.pop_events()]
+        assert events == [(e.kind, e.track_id, e.t) for e in copy.pop_events()]
+        ended += [tid for kind, tid, _ in events if kind == "ended"]
+    assert ended == [1]
+    assert {tr.track_id for tr in copy.tracks} == {0}
+
+
+def test_states_without_a_frame_size_still_load() -> None:
+    """States saved before the frame size was kept load as "size unknown"; a bad size is
+    rejected like any other malformed state."""
+    trk = Tracker(frame_size=(640, 480))
+    trk.update(boxes(person(100, 100)), 0.0)
+    meta, arrays = trk.state()
+    assert meta["frame_size"] == [640.0, 480.0]
+    old = {k: v for k, v in meta.items() if k != "frame_size"}
+    assert Tracker.from_state(old, arrays).frame_size is None
+    with pytest.raises(TrackingError, match=r"saved tracker state is incomplete or malformed.*frame_size"):
+        Tracker.from_state({**meta, "frame_size": [640, -480]}, arrays)
 
 
 def test_malformed_state_is_rejected_clearly() -> None:
@@ -337,15 +356,18 @@ def test_tracking_error_is_the_shared_error_class() -> None:
         trk.update(Detections.empty(), 0.5)
 
 
-def test_object_bouncing_off_the_frame_edge_keeps_its_id() -> None:
+@pytest.mark.parametrize("frame_size", [None, (320, 192)])
+def test_object_bouncing_off_the_frame_edge_keeps_its_id(frame_size: tuple[int, int] | None) -> None:
     """Boxes clipped by the bottom edge shrink, then the object turns back: the motion
-    prediction overshoots, and overlap with where it was last seen re-finds it."""
+    prediction overshoots, and overlap with where it was last seen re-finds it. Knowing the
+    frame changes nothing: the track is matched at every update, so it never counts as gone
+    however far past the edge its prediction runs."""
     boxes = [
         (1.8, [283, 131, 317, 165]), (2.0, [291, 143, 320, 177]), (2.2, [295, 156, 320, 190]),
         (2.4, [287, 168, 320, 192]), (2.6, [279, 174, 313, 192]), (2.8, [272, 162, 305, 192]),
         (3.0, [264, 150, 298, 184]), (3.2, [256, 137, 290, 171]),
     ]
-    tracker = Tracker()
+    tracker = Tracker(frame_size=frame_size)
     ids = []
     for t, b in boxes:
         out = tracker.update(Detections(xyxy=np.array([b], dtype=np.float32), score=np.array([0.9])), t)
@@ -447,3 +469,146 @@ def test_many_misses_in_a_row_end_a_track_at_high_rates_only(rate: float, missed
     else:
         assert "ended" in kinds and out.track_id.tolist() in ([], [1])  # a new (maybe tentative) track
     assert TrackerConfig().max_missed_updates == 15
+
+
+# --- a lost track that has left the frame ends (issue 22) ------------------------------
+
+
+def _walk_out_right(trk: Tracker) -> None:
+    """At 1 update/s, a person walks right at 80 px/s (1.7 widths/s) from x=340 and leaves a
+    640 px wide frame: seen at t=0..3 (last at x=580), gone at t=4 and t=5."""
+    for k in range(4):
+        trk.update(boxes(person(340 + 80 * k, 240)), float(k))
+    assert trk.update(Detections.empty(), 4.0).track_id.tolist() == []
+
+
+def test_a_lost_track_that_left_the_frame_ends_and_an_entering_box_gets_a_new_id() -> None:
+    trk = Tracker(frame_size=(640, 480))
+    _walk_out_right(trk)
+    trk.update(Detections.empty(), 5.0)
+    events = trk.pop_events()
+    assert [e.kind for e in events] == ["started", "updated", "updated", "lost", "ended"]
+    assert events[-1].track_id == 0 and events[-1].t == pytest.approx(3.0)  # when it was last seen
+    assert trk.tracks == []
+    # Someone enters on the left two seconds after the first person was last seen.
+    out = trk.update(boxes(person(40, 300)), 6.0)
+    assert out.track_id.tolist() == [1]
+    assert [(e.kind, e.track_id) for e in trk.pop_events()] == [("started", 1)]
+
+    # Why: without the frame size the lost track's gate has grown over the whole frame by
+    # then, and the newcomer takes the old id.
+    blind = Tracker()
+    _walk_out_right(blind)
+    blind.update(Detections.empty(), 5.0)
+    assert blind.update(boxes(person(40, 300)), 6.0).track_id.tolist() == [0]
+
+
+def test_a_track_lost_inside_the_frame_keeps_its_id() -> None:
+    """An occlusion in the middle of the picture: the prediction stays in the frame, so the
+    track waits (up to max_lost_s) and the person coming out from behind keeps the id."""
+    trk = Tracker(frame_size=(640, 480))
+    for k in range(4):
+        trk.update(boxes(person(100 + 80 * k, 240)), float(k))
+    for t in (4.0, 5.0):  # hidden behind something at x≈420-500
+        trk.update(Detections.empty(), t)
+    assert [tr.state for tr in trk.tracks] == ["lost"]
+    out = trk.update(boxes(person(100 + 80 * 6, 240)), 6.0)
+    assert out.track_id.tolist() == [0]
+    assert "ended" not in [e.kind for e in trk.pop_events()]
+
+
+def test_a_track_matched_at_the_edge_stays_whatever_its_prediction() -> None:
+    """Only unseen tracks end: a person standing at the right edge, their box half outside,
+    with a prediction past the edge, is matched again at the next update."""
+    trk = Tracker(frame_size=(640, 480))
+    for k in range(8):
+        out = trk.update(boxes(person(min(500 + 40 * k, 645), 240)), 0.5 * k)
+    assert out.track_id.tolist() == [0]
+    assert "ended" not in [e.kind for e in trk.pop_events()]
+
+
+def test_the_frame_size_can_change_mid_stream() -> None:
+    """The last size given counts (a stream restarted at another resolution): the same
+    lost track waits in a 1280 px wide frame and ends once told the frame is 640 px wide."""
+    trk = Tracker(frame_size=(1280, 720))
+    _walk_out_right(trk)
+    trk.update(Detections.empty(), 5.0)
+    assert trk.update(boxes(person(340 + 80 * 6, 240)), 6.0).track_id.tolist() == [0]
+
+    trk = Tracker(frame_size=(1280, 720))
+    _walk_out_right(trk)
+    trk.update(Detections.empty(), 5.0, frame_size=(640, 480))
+    assert trk.frame_size == (640, 480)
+    assert [e.kind for e in trk.pop_events()][-1] == "ended"
+
+    trk = Tracker()  # unknown at first, then given with a window
+    _walk_out_right(trk)
+    trk.update_window(Detections.empty(), [5.0], frame_size=(640, 480))
+    assert trk.frame_size == (640, 480) and trk.tracks == []
+    trk.update(Detections.empty(), 6.0)  # None keeps the stored size
+    assert trk.frame_size == (640, 480)
+
+
+@pytest.mark.parametrize("bad", [(0, 480), (640, -1), (640.0, float("nan")), (float("inf"), 480), (640,),
+                                 (640, 480, 3), "640x480", "64", (True, 480), 640])
+def test_bad_frame_sizes_are_rejected_clearly(bad: object) -> None:
+    match = r"frame_size must be \(width, height\) in positive pixels"
+    with pytest.raises(TrackingError, match=match):
+        Tracker(frame_size=bad)  # type: ignore[arg-type]
+    trk = Tracker(frame_size=(640, 480))
+    with pytest.raises(TrackingError, match=match):
+        trk.update(Detections.empty(), 0.0, frame_size=bad)  # type: ignore[arg-type]
+    with pytest.raises(TrackingError, match=match):
+        trk.update_window(Detections.empty(), [0.0], frame_size=bad)  # type: ignore[arg-type]
+    assert trk.frame_size == (640, 480) and trk.t is None  # a rejected call changes nothing
+
+
+def _visible(c: np.ndarray, w: float, h: float, size: tuple[int, int]) -> float:
+    """Fraction of a box (centre `c`, size w x h) inside the frame."""
+    ix = max(0.0, min(c[0] + w / 2, size[0]) - max(c[0] - w / 2, 0.0))
+    iy = max(0.0, min(c[1] + h / 2, size[1]) - max(c[1] - h / 2, 0.0))
+    return ix * iy / (w * h)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rate=st.sampled_from([1.0, 1.7, 2.0, 5.0, 12.5, 25.0]),
+    speed=st.floats(1.0, 5.0),  # box widths per second
+    angle=st.floats(0.0, 2 * np.pi),
+    start=st.tuples(st.floats(0.2, 0.8), st.floats(0.25, 0.75)),
+    wait_s=st.floats(0.0, 2.9),
+    inward=st.floats(0.0, 0.5),
+)
+def test_an_object_walking_out_never_hands_its_id_to_one_entering_elsewhere(
+    rate: float, speed: float, angle: float, start: tuple[float, float], wait_s: float, inward: float
+) -> None:
+    """A person walks straight out of the frame in any direction at any rate and speed, seen
+    (unclipped, like MOTChallenge boxes) while at least a quarter of them is in view; up to
+    2.9 s later (max_lost_s is 3) someone enters on the far half of the frame. The newcomer
+    never gets the old id, and the old track ends before max_lost_s."""
+    size, h = (640, 480), 120.0
+    w, dt = 0.4 * h, 1.0 / rate
+    trk = Tracker(frame_size=size)
+    v = speed * w * np.array([np.cos(angle), np.sin(angle)])
+    p = np.array([start[0] * size[0], start[1] * size[1]])
+    t, n, old = 0.0, 0, set()
+    while _visible(p, w, h, size) >= 0.25:
+        old |= set(trk.update(boxes(person(p[0], p[1], h)), t).track_id.tolist())
+        t, p, n = t + dt, p + v * dt, n + 1
+    if n < 4:
+        return  # too short a walk to learn where it heads
+    last_seen = t - dt
+    while t < last_seen + wait_s:
+        trk.update(Detections.empty(), t)
+        t += dt
+    far = np.clip(np.array(size) - p, [w / 2, h / 2], [size[0] - w / 2, size[1] - h / 2])  # mirrored through the centre
+    far += inward * (np.array(size) / 2 - far)
+    new = set()
+    for _ in range(3):
+        new |= set(trk.update(boxes(person(far[0], far[1], h)), t).track_id.tolist())
+        t += dt
+    assert old and not new & old
+    while t < last_seen + 2.9:
+        trk.update(Detections.empty(), t)
+        t += dt
+    assert old <= {e.track_id for e in trk.pop_events() if e.kind == "ended"}

@@ -115,6 +115,7 @@ class _Fed:
     dets: Detections  # as given to the tracker
     live_ids: np.ndarray  # the live track id of each row of `dets`, -1 where none
     held: bool = False  # a carried-over frame: the last answer repeated
+    size: tuple[int, int] | None = None  # (width, height) of the frame
 
 
 class TrackingStage:
@@ -177,12 +178,13 @@ class TrackingStage:
                 tracker = self._tracker(key)
                 self._queries[key] = query
                 given = Detections(frame_dets.xyxy, frame_dets.score, np.zeros(len(frame_dets), np.int64))
-                tracked = tracker.update(given, frame.pts)
+                # each frame's size: a stream's can change (an encoder restart)
+                tracked = tracker.update(given, frame.pts, frame_size=frame.size)
                 self._last_fed[key] = frame.pts
                 if self.offline_tracking:
                     live_ids = np.full(len(given), -1, np.int64)
                     live_ids[_rows_of(given, tracked)] = tracked.track_id
-                    self._recorded.setdefault(key, []).append(_Fed(frame.pts, frame.index, given, live_ids))
+                    self._recorded.setdefault(key, []).append(_Fed(frame.pts, frame.index, given, live_ids, size=frame.size))
                 fed[k] = tracked
                 info = self._last_frame[key] = _FrameInfo(
                     frame.camera, frame.index, frame.pts, frame.size, frame.wall_time
@@ -234,10 +236,11 @@ class TrackingStage:
                 if self.offline_tracking:  # the repeated last answer, as its grounding event says
                     rec = self._recorded.setdefault(key, [])
                     if rec:
-                        rec.append(_Fed(frame.pts, frame.index, rec[-1].dets, rec[-1].live_ids, held=True))
+                        rec.append(_Fed(frame.pts, frame.index, rec[-1].dets, rec[-1].live_ids, held=True, size=frame.size))
                     else:
                         given = Detections(answer.xyxy, answer.score, np.zeros(len(answer), np.int64))
-                        rec.append(_Fed(frame.pts, frame.index, given, np.full(len(given), -1, np.int64), held=True))
+                        rec.append(_Fed(frame.pts, frame.index, given, np.full(len(given), -1, np.int64), held=True,
+                                        size=frame.size))
                 self._last_frame[key] = _FrameInfo(frame.camera, frame.index, frame.pts, frame.size, frame.wall_time)
                 self._publish_track_events(tracker, self._last_frame[key], query, model, k)  # tracks that ended
                 if self.collect_segments:
@@ -283,7 +286,8 @@ class TrackingStage:
         fps = self.config.sampling.fps
         try:
             result = track_offline(
-                [(f.dets, f.t) for f in recorded], self.config.tracker, interval_s=1.0 / fps if fps else None
+                [(f.dets, f.t) for f in recorded], self.config.tracker, interval_s=1.0 / fps if fps else None,
+                frame_sizes=[f.size for f in recorded],
             )
         except TrackingError as exc:  # cannot happen after the live tracker took the same frames; keep live ids
             log.warning("offline tracking of camera %s, query %s failed (%s); its segments keep the live ids",

@@ -39,6 +39,7 @@ from streamvg.types import Detections
 __all__ = ["OfflineConfig", "OfflineResult", "track_offline"]
 
 I64 = NDArray[np.int64]
+Size = tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,9 @@ class OfflineResult:
     changed: int
 
 
-def _alternatives(trk: Tracker, dets: Detections, t: float, cfg: OfflineConfig) -> list[tuple[I64, I64]]:
+def _alternatives(trk: Tracker, dets: Detections, t: float, size: Size | None, cfg: OfflineConfig) -> list[tuple[I64, I64]]:
     """The online first-stage pairing, then up to `max_alternatives` others, cheapest first."""
-    gated, allowed, rows, cols = trk._first_stage(dets, t)
+    gated, allowed, rows, cols = trk._first_stage(dets, t, size)
     r0, c0, _, free = _assign(gated, allowed, rows, cols)
     online = (r0, c0)
     if cfg.max_alternatives == 0 or len(r0) == 0:
@@ -131,6 +132,7 @@ def track_offline(
     *,
     offline: OfflineConfig | None = None,
     interval_s: float | None = None,
+    frame_sizes: Sequence[Size | None] | None = None,
 ) -> OfflineResult:
     """Track a whole sequence of one (camera, query) with deferred decisions.
 
@@ -140,6 +142,8 @@ def track_offline(
         config: The tracker's settings (defaults if None).
         offline: The deferral's settings (see `OfflineConfig`).
         interval_s: Seconds between updates when known (the sampler's `1 / fps`).
+        frame_sizes: `(width, height)` of each frame, as `Tracker.update`'s `frame_size`
+            (None: unknown, or unchanged from the frame before).
 
     Returns:
         An `OfflineResult`; ids are numbered as the online tracker would.
@@ -153,24 +157,26 @@ def track_offline(
     events: list[TrackEvent] = []
     first_seen: dict[int, float] = {}
     changed = 0
+    if frame_sizes is not None and len(frame_sizes) != len(frames):
+        raise ValueError(f"frame_sizes needs one entry per frame, got {len(frame_sizes)} for {len(frames)} frames")
+    sizes = list(frame_sizes) if frame_sizes is not None else [None] * len(frames)
     for i, (dets, t) in enumerate(frames):
         choice: tuple[I64, I64] | None = None
-        alts = _alternatives(trk, dets, t, cfg)
+        alts = _alternatives(trk, dets, t, sizes[i], cfg)
         if len(alts) > 1:
-            future = frames[i + 1 : i + 1 + cfg.horizon]
             totals = []
             for alt in alts:
                 trial = trk._clone()
-                trial._update(dets, t, alt)
+                trial._update(dets, t, alt, frame_size=sizes[i])
                 total = _cost(trial, cfg)
-                for d2, t2 in future:
-                    trial.update(d2, t2)
+                for j in range(i + 1, min(i + 1 + cfg.horizon, len(frames))):
+                    trial.update(frames[j][0], frames[j][1], frame_size=sizes[j])
                     total += _cost(trial, cfg)
                 totals.append(total)
             best = int(np.argmin(totals))
             choice = alts[best]
             changed += best != 0
-        tracked.append(trk._update(dets, t, choice))
+        tracked.append(trk._update(dets, t, choice, frame_size=sizes[i]))
         for tr in trk.tracks:
             if tr.track_id >= 0:
                 first_seen.setdefault(tr.track_id, tr.first_t)
