@@ -142,3 +142,48 @@ def test_bad_input_is_one_clear_error() -> None:
     with pytest.raises(ValueError, match="horizon"):
         OfflineConfig(horizon=-1)
     assert track_offline([]).tracked == []
+
+
+def _crowd(n: int, frames: int, seed: int = 0) -> list[tuple[Detections, float]]:
+    """`n` nearly identical boxes per frame (a dense crowd, or a model repeating one box):
+    every pair of tracks is a plausible swap."""
+    rng = np.random.default_rng(seed)
+    return [(Detections(np.tile([100.0, 100.0, 150.0, 200.0], (n, 1)) + rng.normal(0, 0.5, (n, 4)),
+                        np.full(n, 0.9)), k / FPS) for k in range(frames)]
+
+
+def test_a_crowd_of_boxes_costs_memory_quadratic_in_its_size_not_cubic() -> None:
+    # 300 tracks have ~45,000 candidate swaps; only max_alternatives (12) may become pairings.
+    import tracemalloc
+
+    from streamvg.tracking.offline import _alternatives
+
+    n = 300
+    frames = _crowd(n, 3)
+    trk = Tracker(interval_s=1 / FPS)
+    for d, t in frames[:2]:
+        trk.update(d, t)
+    tracemalloc.start()
+    try:
+        alts = _alternatives(trk, frames[2][0], frames[2][1], None, OfflineConfig())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(alts) == 1 + OfflineConfig().max_alternatives
+    assert peak < 40 * n * n * 8  # a few (tracks × boxes) float matrices
+
+
+def test_tracker_updates_per_frame_are_bounded_by_the_offline_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = [0]
+    update = Tracker._update
+
+    def counted(self: Tracker, *args: object, **kwargs: object) -> Detections:
+        calls[0] += 1
+        return update(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Tracker, "_update", counted)
+    cfg = OfflineConfig(horizon=3, max_alternatives=5)
+    frames = _crowd(120, 8)
+    track_offline(frames, interval_s=1 / FPS, offline=cfg)
+    # per frame: each alternative and the online choice played over the horizon, then the kept one
+    assert calls[0] <= len(frames) * ((1 + cfg.max_alternatives) * (1 + cfg.horizon) + 1)

@@ -97,7 +97,9 @@ def _alternatives(trk: Tracker, dets: Detections, t: float, size: Size | None, c
     if cfg.max_alternatives == 0 or len(r0) == 0:
         return [online]
     base = gated[r0, c0]
-    extra: list[tuple[float, tuple[I64, I64]]] = []
+    # Candidates as flat arrays (swaps, then free boxes; each with its extra cost), and only
+    # the `max_alternatives` cheapest made into pairings: a crowd of m boxes has ~m²/2 swaps.
+    cand_d, cand_a, cand_b, cand_free = [], [], [], []
     m = len(r0)
     if m > 1:  # two tracks exchange their boxes
         cross = gated[np.ix_(r0, c0)]  # cross[i, j]: track r0[i] with box c0[j]
@@ -105,20 +107,32 @@ def _alternatives(trk: Tracker, dets: Detections, t: float, size: Size | None, c
         i, j = np.triu_indices(m, 1)
         d = cross[i, j] + cross[j, i] - base[i] - base[j]
         keep = ok[i, j] & ok[j, i] & (d <= cfg.max_extra_cost)
-        for a, b, dd in zip(i[keep].tolist(), j[keep].tolist(), d[keep].tolist(), strict=True):
-            c = c0.copy()
-            c[a], c[b] = c0[b], c0[a]
-            extra.append((dd, (r0, c)))
+        cand_d.append(d[keep])
+        cand_a.append(i[keep])
+        cand_b.append(j[keep])
+        cand_free.append(np.zeros(int(keep.sum()), bool))
     if len(free):  # a track takes a box nobody took instead of its own
         sub = gated[np.ix_(r0, free)]
         ok = allowed[np.ix_(r0, free)]
         d = sub - base[:, None]
-        for a, k in zip(*np.nonzero(ok & (d <= cfg.max_extra_cost)), strict=True):
-            c = c0.copy()
-            c[a] = free[k]
-            extra.append((float(d[a, k]), (r0, c)))
-    extra.sort(key=lambda e: e[0])
-    return [online] + [alt for _, alt in extra[: cfg.max_alternatives]]
+        a, k = np.nonzero(ok & (d <= cfg.max_extra_cost))
+        cand_d.append(d[a, k])
+        cand_a.append(a)
+        cand_b.append(k)
+        cand_free.append(np.ones(len(a), bool))
+    if not cand_d:
+        return [online]
+    dd, aa, bb, ff = (np.concatenate(x) for x in (cand_d, cand_a, cand_b, cand_free))
+    out = [online]
+    for n in np.argsort(dd, kind="stable")[: cfg.max_alternatives].tolist():
+        c = c0.copy()
+        a_, b_ = int(aa[n]), int(bb[n])
+        if ff[n]:
+            c[a_] = free[b_]
+        else:
+            c[a_], c[b_] = c0[b_], c0[a_]
+        out.append((r0, c))
+    return out
 
 
 def _cost(trk: Tracker, cfg: OfflineConfig) -> float:
