@@ -276,3 +276,36 @@ def test_carried_over_frames_keep_offline_segments_continuous(still: StillScene)
     seg = summary.segments[0]
     assert seg.start_s <= 0.5 + 1e-6 and seg.end_s == pytest.approx(last_t)
     assert seg.hits == len(seg.boxes) < round(last_t * FPS) + 1  # carried-over frames are no new sightings
+
+
+def _stage_run(frames: list[tuple[Detections, float]], *, size: tuple[int, int] = (640, 480),
+               camera: str = "cam") -> list[Any]:
+    """Feed one-frame windows through a TrackingStage with the offline pass; its segments."""
+    cfg = PipelineConfig(name="stage", sources=[SourceConfig(name=camera, uri=f"{camera}.mp4")],
+                         sampling=SamplingConfig(fps=FPS, window_size=1, stride=1),
+                         queries=[QueryConfig(id="q1", text="a person")])
+    stage = TrackingStage(cfg, publish=lambda e: None, model_name=lambda: "replay",
+                          collect_segments=True, offline_tracking=True)
+    query = Query(id="q1", text="a person")
+    img = np.zeros((size[1], size[0], 3), np.uint8)
+    for i, (d, t) in enumerate(frames):
+        win = Window(frames=[Frame(camera=camera, index=i, pts=t, image=img)], id=f"w{i}")
+        stage.process(win, query, Grounding(win.id, query.id, Detections(d.xyxy, d.score), "", None, "replay"), 1.0)
+    stage.finish_all()
+    return stage.segments()
+
+
+@pytest.mark.parametrize("seed", [22, 33])
+def test_offline_segments_in_view_at_once_never_name_the_same_live_track(seed: int) -> None:
+    # In these scenes the live tracker swaps ids so that two offline tracks, in view at the
+    # same time, each had one live track for most of their boxes: naming it for both would
+    # give two objects seen at once in one camera one cross-camera identity.
+    from test_offline_tracking import scene
+
+    frames, _ = scene(seed, n=5)
+    segs = _stage_run(frames)
+    named = [s for s in segs if s.live_track_id is not None]
+    assert named, "the offline segments name live tracks"
+    for a, b in itertools.combinations(named, 2):
+        if a.start_s <= b.end_s and b.start_s <= a.end_s:
+            assert a.live_track_id != b.live_track_id, (a, b)

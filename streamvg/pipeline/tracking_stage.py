@@ -323,9 +323,7 @@ class TrackingStage:
                 # The best box: highest score among boxes whose frame image is kept, else overall.
                 if (image is not None, score) > (seg.best_frame is not None, seg.best_score):
                     seg.best_t, seg.best_xyxy, seg.best_score, seg.best_frame = fed.t, box, score, image
-        for tid, seg in segs.items():
-            counts = votes.get(tid, {})
-            seg.live_track_id = max(counts, key=lambda i: (counts[i], -i)) if counts else None
+        _name_live_tracks(segs, votes)
         for skey in [k for k in self._segments if k[:2] == key]:
             del self._segments[skey]
         for tid, seg in segs.items():
@@ -463,6 +461,29 @@ class TrackingStage:
                 if score > seg.best_score:
                     seg.best_t, seg.best_xyxy, seg.best_score = frame.pts, tracked.xyxy[i].tolist(), score
                     seg.best_frame = frame.image
+
+
+def _name_live_tracks(segs: dict[int, Segment], votes: dict[int, dict[int, int]]) -> None:
+    """Set each offline segment's `live_track_id`: the live track most of its boxes had,
+    except that segments overlapping in time never share one (two objects in view at once
+    are never one cross-camera identity); a segment whose live tracks all went to segments
+    with more of their boxes gets None (an identity of its own).
+
+    Greedy, the largest vote first (ties: the lower live id, then the lower segment id), so
+    a segment without such a conflict gets its own majority as before."""
+    candidates = sorted(((-n, live, tid) for tid, counts in votes.items() for live, n in counts.items()))
+    spans: dict[int, list[tuple[float, float]]] = {}
+    for seg in segs.values():
+        seg.live_track_id = None
+    for _, live, tid in candidates:
+        seg = segs[tid]
+        if seg.live_track_id is not None:
+            continue
+        taken = spans.setdefault(live, [])
+        if any(seg.start_s <= end and start <= seg.end_s for start, end in taken):
+            continue  # a segment at the same time has this live track
+        seg.live_track_id = live
+        taken.append((seg.start_s, seg.end_s))
 
 
 def _rows_of(given: Detections, tracked: Detections) -> np.ndarray:
