@@ -612,3 +612,59 @@ def test_an_object_walking_out_never_hands_its_id_to_one_entering_elsewhere(
         trk.update(Detections.empty(), t)
         t += dt
     assert old <= {e.track_id for e in trk.pop_events() if e.kind == "ended"}
+
+
+_BOX = st.tuples(st.floats(-200, 800), st.floats(-200, 600), st.floats(1, 300), st.floats(1, 300), st.floats(0.05, 1.0))
+_FRAME = st.tuples(st.lists(_BOX, max_size=5), st.sampled_from([0.0, 0.04, 0.5, 2.0, 5.0]),
+                   st.sampled_from([None, (640, 480), (320, 240)]))
+
+
+def _frames(drawn: list[tuple[list[tuple[float, ...]], float, tuple[int, int] | None]]
+            ) -> list[tuple[Detections, float, tuple[int, int] | None]]:
+    out, t = [], 0.0
+    for rows, dt, size in drawn:
+        t += dt
+        xyxy = np.array([[x, y, x + w, y + h] for x, y, w, h, _ in rows], float).reshape(-1, 4)
+        out.append((Detections(xyxy, np.array([r[4] for r in rows], float)), t, size))
+    return out
+
+
+def _seen(trk: Tracker, d: Detections, t: float, size: tuple[int, int] | None) -> tuple[object, ...]:
+    r = trk.update(d, t, frame_size=size)
+    return (r.xyxy.tolist(), r.score.tolist(), r.track_id.tolist(),
+            [(e.kind, e.track_id, e.t, e.xyxy.tolist(), e.score) for e in trk.pop_events()])
+
+
+@settings(max_examples=60, deadline=None)
+@given(drawn=st.lists(_FRAME, min_size=1, max_size=20), cut=st.integers(0, 20),
+       size=st.sampled_from([None, (640, 480)]), max_missed=st.integers(1, 4))
+def test_a_saved_state_and_a_clone_go_on_exactly_like_the_original(
+    drawn: list[tuple[list[tuple[float, ...]], float, tuple[int, int] | None]], cut: int,
+    size: tuple[int, int] | None, max_missed: int,
+) -> None:
+    # Tracks end by misses, by time and by leaving the frame; sizes change on the way.
+    frames = _frames(drawn)
+    trk = Tracker(frame_size=size, interval_s=0.5, max_missed_updates=max_missed)
+    for d, t, s in frames[:cut]:
+        trk.update(d, t, frame_size=s)
+    meta, arrays = trk.state()
+    saved = Tracker.from_state(json.loads(json.dumps(meta)), {k: a.copy() for k, a in arrays.items()})
+    clone = trk._clone()
+    after_clone = [_seen(clone, d, t, s) for d, t, s in frames[cut:]]
+    meta2, arrays2 = trk.state()  # the clone's updates left the original alone
+    assert meta2 == meta and all(np.array_equal(arrays[k], arrays2[k]) for k in arrays)
+    assert [_seen(trk, d, t, s) for d, t, s in frames[cut:]] == after_clone
+    assert [_seen(saved, d, t, s) for d, t, s in frames[cut:]] == after_clone
+
+
+def test_states_saved_before_max_missed_updates_load_with_the_default() -> None:
+    trk = Tracker(interval_s=0.04)
+    for k in range(20):  # one track confirmed, then missed 18 updates in a row (0.72 s < max_lost_s)
+        trk.update(boxes(person(100, 100)) if k < 2 else Detections.empty(), 0.04 * k)
+    meta, arrays = trk.state()
+    config = {k: v for k, v in meta["config"].items() if k != "max_missed_updates"}
+    old = {k: v for k, v in meta.items() if k != "frame_size"} | {"config": config}
+    loaded = Tracker.from_state(old, arrays)
+    assert loaded.config.max_missed_updates == 15 and loaded.frame_size is None
+    loaded.update(Detections.empty(), 0.8)
+    assert [(e.kind, e.track_id) for e in loaded.pop_events() if e.kind == "ended"] == [("ended", 0)]
