@@ -668,3 +668,12 @@ def test_states_saved_before_max_missed_updates_load_with_the_default() -> None:
     assert loaded.config.max_missed_updates == 15 and loaded.frame_size is None
     loaded.update(Detections.empty(), 0.8)
     assert [(e.kind, e.track_id) for e in loaded.pop_events() if e.kind == "ended"] == [("ended", 0)]
+
+
+def test_max_missed_updates_ends_confirmed_tracks_only() -> None:
+    # A tentative track may miss one update (a dropped answer) whatever max_missed_updates is.
+    for max_missed in (15, 1):
+        trk = Tracker(interval_s=0.04, max_missed_updates=max_missed)
+        trk.update(boxes(person(100, 100)), 0.0)
+        trk.update(Detections.empty(), 0.04)
+        assert trk.update(boxes(person(100, 100)), 0.08).track_id.tolist() == [0], max_missed

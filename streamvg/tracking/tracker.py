@@ -423,9 +423,10 @@ class Tracker:
         # the frame, and any box would otherwise take its old id.
         # So do tracks that missed max_missed_updates updates in a row: at high rates that
         # many misses are strong evidence the object is gone, and a lost track's growing
-        # gate would otherwise take a box of whoever passes where it was.
+        # gate would otherwise take a box of whoever passes where it was. Tentative tracks
+        # keep their own rule (one dropped answer allowed), whatever max_missed_updates is.
         c = self.config
-        self._end((t - self._last_t > c.max_lost_s) | (self._misses >= c.max_missed_updates))
+        self._end((t - self._last_t > c.max_lost_s) | ((self._misses >= c.max_missed_updates) & (self._id >= 0)))
         dt = 0.0 if self._t is None else t - self._t
         self._t = t
         if dt > 0:
