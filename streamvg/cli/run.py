@@ -502,7 +502,8 @@ OFFLINE_TRACKING_HELP = (
     "another) decided after seeing the next few answers, which keeps identities apart better at grounding "
     "rates (on benchmarks/tracking.py, +.02 to +.06 IDF1 at 1-2.5 answers a second, the same at 25). The table, --out, --json, --clips, --report, --mot and --thumbnails use these "
     "ids; events written while the search runs (--events, Redis) keep the live tracker's ids. With --cross-camera "
-    "a segment's global id is that of the live track most of its boxes belonged to. --online-tracking keeps the "
+    "a segment's global id is that of the live track most of its boxes belonged to (segments in view at the "
+    "same time never share one; a segment left without one gets an identity of its own). --online-tracking keeps the "
     "live ids everywhere.")
 
 

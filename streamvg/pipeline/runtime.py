@@ -135,7 +135,8 @@ class Pipeline:
             updates are seen), so `segments()` / the summary carry the offline track ids.
             Events published during the run keep the live tracker's ids. With identity on,
             an offline segment's `global_id` is that of the live track most of its boxes
-            belonged to.
+            belonged to (never one that a segment in view at the same time names; then an
+            identity of its own).
         thumbnails_dir: Write one JPEG per segment with its best box drawn.
         batch_wait_s: How long the engine waits for more windows to fill a batch.
         metrics_port: Serve Prometheus metrics on this port.
@@ -378,8 +379,9 @@ class Pipeline:
 
     def _global_id(self, seg: Segment) -> int:
         """A segment's cross-camera identity. Identities are keyed by live track ids: an
-        offline segment takes that of the live track most of its boxes had (one none of
-        whose boxes had a live id gets an identity of its own)."""
+        offline segment takes that of the live track most of its boxes had, never one that
+        a segment in view at the same time took (one left without a live id gets an identity
+        of its own)."""
         assert self.identity is not None
         live = seg.live_track_id if seg.live_track_id is not None else -1 - seg.track_id  # -1 - id: no live track
         return self.identity.global_id(seg.query_id, seg.camera, live)

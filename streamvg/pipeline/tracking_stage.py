@@ -70,8 +70,8 @@ class Segment:
     best_frame: np.ndarray | None = field(default=None, repr=False, compare=False)
     boxes: list[tuple[float, int, list[float], float]] = field(default_factory=list, repr=False, compare=False)
     # The live tracker's id of this track (what cross-camera identities are keyed by): its
-    # `track_id` for live segments, for offline ones the live id most of its boxes had
-    # (None when no box had one).
+    # `track_id` for live segments, for offline ones the live id most of its boxes had,
+    # never one a segment in view at the same time has (None when it is left without one).
     live_track_id: int | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
