@@ -35,6 +35,26 @@ from streamvg.windows import MultiCameraWindows
 URL = "redis://127.0.0.1:6379/0"
 
 
+class _StopAfter:
+    """An engine that stops its worker once it has grounded `n` of `windows`, so the
+    hand-over point is the same on every run however loaded the machine is (stopping from
+    the test thread let a worker ground a varying number of further batches first)."""
+
+    def __init__(self, inner: GroundTruthEngine, windows: list, n: int) -> None:
+        self.inner, self.n, self.stop = inner, n, threading.Event()
+        self._ids, self._seen = {w.id for w in windows}, set()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def ground_many(self, requests: list) -> list:
+        out = self.inner.ground_many(requests)
+        self._seen.update(w.id for w, _ in requests if getattr(w, "id", None) in self._ids)
+        if len(self._seen) >= self.n:
+            self.stop.set()  # seen between batches: this batch is committed, then the worker stops
+        return out
+
+
 def _redis_up() -> bool:
     try:
         return bool(redis.Redis.from_url(URL, socket_connect_timeout=0.5).ping())
@@ -74,22 +94,24 @@ def test_global_ids_continue_when_a_camera_group_moves_to_another_worker(tmp_pat
     try:
         pub = WindowPublisher(URL, name)
         pub.put(windows)
+        assert pub.drain(timeout=60)  # close() drops what the sender thread has not handed over yet
         pub.close()
 
-        def work(worker: GroundWorker, until: int) -> None:
-            stop = threading.Event()
+        def work(worker: GroundWorker, stop: threading.Event, done: object) -> None:
             t = threading.Thread(target=worker.run, args=(stop,), daemon=True)
             t.start()
-            wait_until(lambda: int(client.get(f"streamvg:{name}:windows_grounded") or 0) >= until, timeout=60)
+            wait_until(done, timeout=60)  # type: ignore[arg-type]
             stop.set()
             t.join(30)
+            assert not t.is_alive()
 
         first, second = EventCollector(), EventCollector()
-        a = GroundWorker(cfg, engine=GroundTruthEngine(scene.ground_truth, wrong_rate=0.1, seed=3), sinks=[first], worker_id="a", lease_s=1.0)
-        work(a, len(windows) // 2)
+        engine_a = _StopAfter(GroundTruthEngine(scene.ground_truth, wrong_rate=0.1, seed=3), windows, len(windows) // 2)
+        a = GroundWorker(cfg, engine=engine_a, sinks=[first], worker_id="a", lease_s=1.0)  # type: ignore[arg-type]
+        work(a, engine_a.stop, engine_a.stop.is_set)
         a.close()
         b = GroundWorker(cfg, engine=GroundTruthEngine(scene.ground_truth, wrong_rate=0.1, seed=3), sinks=[second], worker_id="b", lease_s=1.0)
-        work(b, len(windows))
+        work(b, threading.Event(), lambda: int(client.get(f"streamvg:{name}:windows_grounded") or 0) >= len(windows))
         assert b.identity is not None
         gids_a = {(e.query_id, e.camera, e.track_id): e.global_id for e in first.events if e.kind.startswith("track_")}
         linked_a = {k for k, g in gids_a.items() if any(g == g2 and k[1] != k2[1] and k[0] == k2[0] for k2, g2 in gids_a.items())}
