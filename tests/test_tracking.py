@@ -677,3 +677,18 @@ def test_max_missed_updates_ends_confirmed_tracks_only() -> None:
         trk.update(boxes(person(100, 100)), 0.0)
         trk.update(Detections.empty(), 0.04)
         assert trk.update(boxes(person(100, 100)), 0.08).track_id.tolist() == [0], max_missed
+
+
+def test_a_saved_state_keeps_the_expected_interval_through_a_reset() -> None:
+    """`interval_s` (the sampler's 1/fps) travels with the state: a handed-over tracker
+    that is reset (a new video on the camera) confirms at its first update as the original
+    would, instead of waiting for min_confirm_hits."""
+    trk = Tracker(interval_s=0.5)
+    trk.update(boxes(person(100, 100)), 0.0)
+    copy = Tracker.from_state(*trk.state())
+    for t in (trk, copy):
+        t.reset()
+        assert t.update(boxes(person(300, 200)), 10.0).track_id.tolist() == [0]  # 1 hit at 2 updates/s
+    old_meta, arrays = trk.state()
+    del old_meta["interval_s"]  # a state saved before it travelled
+    assert Tracker.from_state(old_meta, arrays).update(Detections.empty(), 11.0).track_id.tolist() == []

@@ -279,6 +279,7 @@ class Tracker:
             "config": self.config.model_dump(mode="json"),
             "t": self._t,
             "dt": self._dt,
+            "interval_s": self._interval_s,
             "frame_size": None if self._frame_size is None else list(self._frame_size),
             "next_id": self._next_id,
             "events": [[e.kind, int(e.track_id), float(e.t), float(e.score)] for e in self._events],
@@ -295,7 +296,8 @@ class Tracker:
             TrackingError: the state is incomplete or its arrays have the wrong shapes.
         """
         try:
-            trk = cls(TrackerConfig.model_validate(meta["config"]))
+            interval = meta.get("interval_s")  # absent in older states
+            trk = cls(TrackerConfig.model_validate(meta["config"]), interval_s=None if interval is None else float(interval))
             n = len(arrays["id"])
             for name, (dtype, shape) in _TRACK_ARRAYS.items():
                 a = np.asarray(arrays[name])
