@@ -446,7 +446,7 @@ class TrackingStage:
             seg = self._segments.get(key)
             if seg is None:
                 if first_seen is None:
-                    first_seen = _first_seen_times(tracker)
+                    first_seen = tracker.first_seen()
                 start = first_seen.get(tid, frame.pts)
                 self._segments[key] = Segment(
                     camera=frame.camera, video=self._videos.get(frame.camera, frame.camera), query_id=query.id,
@@ -499,14 +499,5 @@ def _rows_of(given: Detections, tracked: Detections) -> np.ndarray:
     return out
 
 
-def _first_seen_times(tracker: Tracker) -> dict[int, float]:
-    """Media time each current track was first detected (before it was confirmed)."""
-    out: dict[int, float] = {}
-    for tr in tracker.tracks:
-        tid = int(getattr(tr, "track_id", -1))
-        t0 = getattr(tr, "first_t", None)
-        if tid >= 0 and t0 is not None:
-            out[tid] = float(t0)
-    return out
 
 

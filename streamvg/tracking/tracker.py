@@ -343,6 +343,12 @@ class Tracker:
             ))
         return out
 
+    def first_seen(self) -> dict[int, float]:
+        """Media time each confirmed live track's object was first detected (before the
+        track was confirmed), by track id: where a search segment starts."""
+        conf = self._id >= 0
+        return dict(zip(self._id[conf].tolist(), self._first_t[conf].tolist(), strict=True))
+
     def pop_events(self) -> list[TrackEvent]:
         """Lifecycle events since the last call, in the order they happened."""
         events, self._events = self._events, []
